@@ -1,0 +1,10 @@
+"""nld_jax: Nemotron-Labs-Diffusion language models in JAX (Flax NNX)."""
+
+from nld_jax.config import ConfigError, NLDConfig
+from nld_jax.generate import GenerationOutput, generate
+from nld_jax.loading import LoadError, load_model
+from nld_jax.model import NLDModel
+
+__all__ = ["NLDConfig", "NLDModel", "ConfigError", "LoadError", "load_model", "generate",
+           "GenerationOutput"]
+__version__ = "0.1.0"

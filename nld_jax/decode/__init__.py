@@ -1,0 +1,1 @@
+"""One module per decoding mode; each defines State, init, step, done and run."""

@@ -1,0 +1,168 @@
+"""generate(): validate, bucket, prefill and run one decoding mode as one XLA program."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nld_jax.cache import KVCache
+from nld_jax.decode import ar
+from nld_jax.decode.common import Budget, Sampler
+from nld_jax.decode.prefill import prefill
+from nld_jax.model import NLDModel
+
+__all__ = ["generate", "GenerationOutput", "MODES", "TRACE_COUNTS"]
+
+MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
+_IMPLEMENTED = ("ar",)
+_MIN_BUCKET = 16
+
+# How often each mode's program has been traced; tests read it to prove there is no recompile.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """What generate() returns."""
+
+    tokens: list[list[int]]  # new tokens of each prompt, up to and including the first EOS
+    num_forwards: int  # network forwards after the prefill, for the whole batch
+    stats: dict[str, Any]  # per-mode figures
+
+
+def _bucket(n: int) -> int:
+    """The next power of two >= n (at least _MIN_BUCKET): lengths in one bucket share a program."""
+    return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
+    """Validates prompts and returns them as int32 rows."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and isinstance(prompts[0], str)):
+        raise TypeError("prompts are strings but no tokenizer is attached; pass token ids")
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        array = np.asarray(prompts)
+        if array.ndim != 2:
+            raise ValueError(f"prompts array must be [B, T], got shape {array.shape}")
+        rows = list(array)
+    elif isinstance(prompts, Sequence):
+        rows = [np.asarray(p) for p in prompts]
+    else:
+        raise TypeError(f"prompts must be a list of token-id lists or an int array [B, T], "
+                        f"got {type(prompts).__name__}")
+    if not rows:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    out = []
+    for i, row in enumerate(rows):
+        if row.ndim != 1:
+            raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {row.shape}")
+        if row.size == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if not np.issubdtype(row.dtype, np.integer):
+            raise TypeError(f"prompt {i} holds {row.dtype} values; token ids must be integers")
+        bad = row[(row < 0) | (row >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
+                             f"[0, {vocab_size})")
+        out.append(row.astype(np.int32))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "capacity", "out_len", "eos_ids",
+                                             "top_k"))
+def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
+             prompt_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array,
+             temperature: jax.Array, top_p: jax.Array, *, mode: str, capacity: int,
+             out_len: int, eos_ids: tuple[int, ...], top_k: int) -> dict[str, jax.Array]:
+    """Prefill and the whole decode loop of one mode, as one program."""
+    TRACE_COUNTS[mode] += 1
+    model: NLDModel = nnx.merge(graphdef, state)
+    config = model.config
+    cache = KVCache.empty(num_layers=config.num_hidden_layers, batch=prompts.shape[0],
+                          capacity=capacity, num_kv_heads=config.num_key_value_heads,
+                          head_dim=config.head_dim, dtype=model.dtype)
+    sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k)
+    budget = Budget(max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    prefill_rng, loop_rng = jax.random.split(rng)
+    last_logits, cache = prefill(model, prompts, prompt_lengths, cache)
+    seed = sampler(last_logits, prefill_rng)
+    final = ar.run(model, sampler, budget, ar.init(cache, seed, out_len, budget, loop_rng))
+    return dict(tokens=final.tokens, num_tokens=final.num_tokens,
+                num_forwards=final.num_forwards)
+
+
+def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: int = 256,
+             temperature: float = 0.0, block_size: int | None = None,
+             threshold: float | None = 0.9, seed: int = 0, *, top_k: int = 0,
+             top_p: float = 1.0, max_cache_len: int | None = None) -> GenerationOutput:
+    """Generates continuations of a ragged batch of prompts.
+
+    Args:
+      model: the network.
+      prompts: a list of token-id lists (ragged) or an int array [B, T].
+      mode: "ar" | "diffusion" | "self_spec" | "self_spec_quadratic".
+      max_new_tokens: the budget per prompt.
+      temperature: 0 = greedy.
+      block_size: diffusion/self-spec block (default config.block_size).
+      threshold: diffusion commit threshold in (0, 1]; None = even top-k schedule.
+      seed: PRNG seed for sampling.
+      top_k: sample among the k most likely tokens (0 = off).
+      top_p: sample among the smallest set reaching this probability (1.0 = off).
+      max_cache_len: the context the KV cache is sized for (default: buckets of the request,
+        up to config.max_position_embeddings).
+    Returns:
+      GenerationOutput.
+    """
+    config = model.config
+    if mode not in MODES:
+        raise ValueError(f"unknown {mode=}; expected one of {MODES}")
+    if mode not in _IMPLEMENTED:
+        raise NotImplementedError(f"{mode=} is not implemented yet; available: {_IMPLEMENTED}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 1:
+        raise ValueError(f"{max_new_tokens=} must be a positive integer")
+    if not temperature >= 0:
+        raise ValueError(f"{temperature=} must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{top_p=} must be in (0, 1]")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
+        raise ValueError(f"{top_k=} must be an integer in [0, vocab_size={config.vocab_size}]")
+    rows = _as_rows(prompts, config.vocab_size)
+    longest = max(len(r) for r in rows)
+    needed = longest + int(max_new_tokens)
+    limit = config.max_position_embeddings if max_cache_len is None else max_cache_len
+    if needed > limit:
+        which = "config.max_position_embeddings" if max_cache_len is None else "max_cache_len"
+        raise ValueError(f"the longest prompt ({longest} tokens) plus {max_new_tokens=} needs "
+                         f"{needed} positions, more than {which}={limit}")
+
+    prompt_bucket, out_bucket = _bucket(longest), _bucket(int(max_new_tokens))
+    # The prefill writes the whole padded prompt, so the cache holds at least its bucket.
+    capacity = prompt_bucket + out_bucket if max_cache_len is None else max(max_cache_len,
+                                                                           prompt_bucket)
+    padded = np.zeros((len(rows), prompt_bucket), np.int32)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    lengths = np.array([len(r) for r in rows], np.int32)
+
+    graphdef, state = nnx.split(model)
+    result = _program(graphdef, state, jnp.asarray(padded), jnp.asarray(lengths),
+                      jnp.int32(max_new_tokens), jax.random.key(seed),
+                      jnp.float32(temperature), jnp.float32(top_p), mode=mode,
+                      capacity=capacity, out_len=out_bucket, eos_ids=config.eos_token_ids,
+                      top_k=top_k)
+    tokens = np.asarray(result["tokens"])
+    counts = np.asarray(result["num_tokens"])
+    out_tokens = [tokens[b, :counts[b]].tolist() for b in range(len(rows))]
+    num_forwards = int(result["num_forwards"])
+    total = int(counts.sum())
+    stats = {"num_tokens": total, "tokens_per_forward": total / max(num_forwards, 1)}
+    return GenerationOutput(tokens=out_tokens, num_forwards=num_forwards, stats=stats)

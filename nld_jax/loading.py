@@ -1,0 +1,323 @@
+"""load_model(): a released Hugging Face directory -> NLDModel, strictly and all-or-nothing.
+
+Everything is checked before any weight is read: the config, the set of tensor names (one table
+maps every released name to a parameter), every shape and dtype. Tensors are then read one at a
+time with the numpy backend of safetensors (no torch), transposed to the Flax layout and cast.
+The model is assembled only after every tensor has been read, so a failure never leaves a
+partially loaded model behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from nld_jax.config import ConfigError, NLDConfig
+from nld_jax.model import NLDModel
+
+__all__ = ["load_model", "save_model", "LoadError", "LORA_DIR"]
+
+LORA_DIR = "linear_spec_lora"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_DTYPES = {"BF16", "F16", "F32"}
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """How one released tensor becomes one parameter."""
+
+    path: tuple[str | int, ...]  # path in nnx.to_pure_dict(state)
+    hf_shape: tuple[int, ...]  # shape in the file ([out, in] for Linear)
+    transposed: bool  # Linear [out, in] -> [in, ...out] (then reshaped to the parameter's shape)
+
+    def to_flax(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return w.T.reshape(shape) if self.transposed else w
+
+    def to_hf(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape(self.hf_shape[::-1]).T if self.transposed else w
+
+
+def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
+    """The one table: released tensor name -> rule."""
+    d, n, k, h, f, v = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                        c.intermediate_size, c.vocab_size)
+    rules = {
+        "encoder.embed_tokens.weight": _Rule(("embed_vd",), (v, d), False),
+        "encoder.norm.weight": _Rule(("final_norm", "weight"), (d,), False),
+        "diffusion_head.weight": _Rule(("head_dv",), (v, d), True),
+    }
+    for i in range(c.num_hidden_layers):
+        pre, layer = f"encoder.layers.{i}.", ("layers", i)
+        rules.update({
+            pre + "input_layernorm.weight": _Rule((*layer, "input_norm", "weight"), (d,), False),
+            pre + "post_attention_layernorm.weight": _Rule((*layer, "post_attn_norm", "weight"),
+                                                           (d,), False),
+            pre + "self_attn.q_proj.weight": _Rule((*layer, "attn", "q_dnh"), (n * h, d), True),
+            pre + "self_attn.k_proj.weight": _Rule((*layer, "attn", "k_dkh"), (k * h, d), True),
+            pre + "self_attn.v_proj.weight": _Rule((*layer, "attn", "v_dkh"), (k * h, d), True),
+            pre + "self_attn.o_proj.weight": _Rule((*layer, "attn", "o_nhd"), (d, n * h), True),
+            pre + "mlp.gate_proj.weight": _Rule((*layer, "mlp", "gate_df"), (f, d), True),
+            pre + "mlp.up_proj.weight": _Rule((*layer, "mlp", "up_df"), (f, d), True),
+            pre + "mlp.down_proj.weight": _Rule((*layer, "mlp", "down_fd"), (d, f), True),
+        })
+    return rules
+
+
+def _lora_rules(c: NLDConfig, rank: int) -> dict[str, _Rule]:
+    """PEFT keys of the o_proj adapter -> rules."""
+    d, n, h = c.hidden_size, c.num_attention_heads, c.head_dim
+    rules = {}
+    for i in range(c.num_hidden_layers):
+        pre = f"base_model.model.encoder.layers.{i}.self_attn.o_proj."
+        path = ("layers", i, "attn", "lora")
+        rules[pre + "lora_A.weight"] = _Rule((*path, "a_nhr"), (rank, n * h), True)
+        rules[pre + "lora_B.weight"] = _Rule((*path, "b_rd"), (d, rank), True)
+    return rules
+
+
+def _open(path: str) -> Any:
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _tensor_files(model_dir: str) -> dict[str, str]:
+    """tensor name -> file, from the index or the single file; checks every file's header."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    single_path = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise LoadError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+        located = {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
+    elif os.path.isfile(single_path):
+        located = None
+    else:
+        raise LoadError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} is present")
+
+    files = sorted(set(located.values())) if located is not None else [single_path]
+    found: dict[str, str] = {}
+    for path in files:
+        if not os.path.isfile(path):
+            missing_for = sorted(n for n, p in located.items() if p == path)[:3]
+            raise LoadError(f"{index_path}: points at missing shard {path} "
+                            f"(for tensors such as {missing_for})")
+        with _open(path) as handle:
+            for name in handle.keys():
+                if name in found:
+                    raise LoadError(f"{path}: tensor {name!r} also appears in {found[name]}")
+                found[name] = path
+    if located is not None:
+        for name, path in located.items():
+            if found.get(name) != path:
+                raise LoadError(f"{index_path}: maps tensor {name!r} to {path}, which lacks it")
+        for name, path in found.items():
+            if name not in located:
+                raise LoadError(f"{path}: tensor {name!r} is not listed in {index_path}")
+    return found
+
+
+def _check_tensors(rules: dict[str, _Rule], files: dict[str, str], where: str) -> None:
+    """Names, shapes and dtypes against the rules, from the headers alone."""
+    missing = sorted(set(rules) - set(files))
+    if missing:
+        raise LoadError(f"{where}: missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+    unexpected = sorted(set(files) - set(rules))
+    if unexpected:
+        raise LoadError(f"{where}: unexpected tensor(s) {unexpected[:5]} in "
+                        f"{files[unexpected[0]]} (config and checkpoint disagree?)")
+    by_file: dict[str, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with _open(path) as handle:
+            for name in names:
+                meta = handle.get_slice(name)
+                shape, dtype = tuple(meta.get_shape()), meta.get_dtype()
+                if shape != rules[name].hf_shape:
+                    raise LoadError(f"{path}: tensor {name!r} has shape {list(shape)}, expected "
+                                    f"{list(rules[name].hf_shape)} from the config")
+                if dtype not in _FLOAT_DTYPES:
+                    raise LoadError(f"{path}: tensor {name!r} has dtype {dtype}, expected one of "
+                                    f"{sorted(_FLOAT_DTYPES)}")
+
+
+def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: jnp.dtype,
+          check_finite: bool) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
+    """Yields (parameter path, array) one tensor at a time."""
+    for name in sorted(files, key=lambda n: (files[n], n)):
+        with _open(files[name]) as handle:
+            try:
+                raw = handle.get_tensor(name)
+            except SafetensorError as e:
+                raise LoadError(f"{files[name]}: cannot read tensor {name!r} ({e})") from None
+        if check_finite and not np.isfinite(raw.astype(np.float32)).all():
+            raise LoadError(f"{files[name]}: tensor {name!r} contains NaN or Inf")
+        rule = rules[name]
+        yield rule.path, jnp.asarray(rule.to_flax(raw, _get(shapes, rule.path).shape), dtype=dtype)
+
+
+def _get(tree: dict, path: tuple[str | int, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str | int, ...], value: jax.Array) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _read_lora_config(lora_dir: str) -> tuple[int, float]:
+    path = os.path.join(lora_dir, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise LoadError(f"{path}: missing (a LoRA adapter directory needs it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: not valid JSON ({e})") from None
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets != ["o_proj"]:
+        raise LoadError(f"{path}: target_modules={targets!r}; only ['o_proj'] is supported")
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(rank, int) or rank <= 0:
+        raise LoadError(f"{path}: r={rank!r} must be a positive integer")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise LoadError(f"{path}: lora_alpha={alpha!r} must be a positive number")
+    scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
+    return rank, float(scale)
+
+
+def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
+               lora: bool | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
+               *, check_finite: bool = False) -> NLDModel:
+    """Loads a released checkpoint directory into an NLDModel.
+
+    Args:
+      path: a directory with config.json and model.safetensors (or an index and shards).
+      dtype: "bfloat16" or "float32", for parameters and activations.
+      lora: None: the directory's linear_spec_lora/ if present; False: no adapter; a path: that
+        adapter directory.
+      mesh: place every parameter replicated on this mesh (default: the default device).
+      check_finite: reject tensors holding NaN or Inf (reads each tensor once more in f32).
+    Returns:
+      The model, with `.config`.
+    """
+    model_dir = os.fspath(path)
+    if not os.path.isdir(model_dir):
+        raise LoadError(f"{model_dir}: not a directory")
+    try:
+        config = NLDConfig.from_json(model_dir)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    jdtype = jnp.dtype(dtype)
+    if jdtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise LoadError(f"{dtype=} is not supported; use 'bfloat16' or 'float32'")
+
+    rules = _base_rules(config)
+    files = _tensor_files(model_dir)
+    _check_tensors(rules, files, model_dir)
+
+    lora_dir = None
+    if lora is None and os.path.isdir(os.path.join(model_dir, LORA_DIR)):
+        lora_dir = os.path.join(model_dir, LORA_DIR)
+    elif lora not in (None, False, True):
+        lora_dir = os.fspath(lora)  # type: ignore[arg-type]
+        if not os.path.isdir(lora_dir):
+            raise LoadError(f"{lora_dir}: LoRA adapter directory does not exist")
+    elif lora is True:
+        raise LoadError("lora=True is ambiguous: pass None (auto), False or a directory")
+    lora_files: dict[str, str] = {}
+    if lora_dir is not None:
+        rank, scale = _read_lora_config(lora_dir)
+        lora_file = os.path.join(lora_dir, "adapter_model.safetensors")
+        if not os.path.isfile(lora_file):
+            raise LoadError(f"{lora_file}: missing")
+        with _open(lora_file) as handle:
+            lora_files = {name: lora_file for name in handle.keys()}
+        lora_rules = _lora_rules(config, rank)
+        _check_tensors(lora_rules, lora_files, lora_dir)
+        rules = {**rules, **lora_rules}
+        files = {**files, **lora_files}
+
+    def build() -> NLDModel:
+        model = NLDModel(config, dtype=jdtype, rngs=nnx.Rngs(0))
+        if lora_dir is not None:
+            model.attach_lora(rank, scale, rngs=nnx.Rngs(0))
+        return model
+
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    values = nnx.to_pure_dict(abstract_state)
+    shapes = jax.tree.map(lambda x: x, values)
+    for param_path, array in _read(rules, files, shapes, jdtype, check_finite):
+        _set(values, param_path, array)
+    # Every parameter must have come from the file: none may stay abstract.
+    leaves = jax.tree_util.tree_leaves_with_path(values)
+    still_abstract = [jax.tree_util.keystr(p) for p, leaf in leaves
+                      if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if still_abstract:
+        raise LoadError(f"{model_dir}: parameters not loaded: {still_abstract[:5]}")
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        values = jax.device_put(values, replicated)
+    nnx.replace_by_pure_dict(abstract_state, values)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def save_model(model: NLDModel, path: str | os.PathLike, *, dtype: str = "bfloat16") -> None:
+    """Writes `model` in the released layout: config.json, model.safetensors, linear_spec_lora/.
+
+    Args:
+      model: the network (with or without the draft adapter).
+      path: the output directory (created; existing files of the same names are replaced).
+      dtype: the tensors' dtype in the file.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = os.fspath(path)
+    os.makedirs(out_dir, exist_ok=True)
+    np_dtype = jnp.dtype(dtype)
+    values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    config = model.config
+
+    def tensors(rules: dict[str, _Rule]) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(rule.to_hf(np.asarray(_get(values, rule.path)))
+                                           .astype(np_dtype)) for name, rule in rules.items()}
+
+    save_file(tensors(_base_rules(config)), os.path.join(out_dir, SINGLE_FILE))
+    config.save_json(os.path.join(out_dir, "config.json"))
+    if model.has_lora:
+        lora = model.layers[0].attn.lora
+        rank = lora.a_nhr.shape[-1]
+        lora_dir = os.path.join(out_dir, LORA_DIR)
+        os.makedirs(lora_dir, exist_ok=True)
+        save_file(tensors(_lora_rules(config, rank)),
+                  os.path.join(lora_dir, "adapter_model.safetensors"))
+        with open(os.path.join(lora_dir, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": lora.scale * rank,
+                       "target_modules": ["o_proj"], "lora_dropout": 0.0, "bias": "none",
+                       "task_type": "CAUSAL_LM"}, f, indent=2)

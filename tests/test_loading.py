@@ -1,0 +1,184 @@
+"""load_model: both checkpoint layouts load, and every malformed input fails with a named error."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import nld_jax
+from nld_jax.loading import save_model
+from tests.conftest import GOLDEN_DIR
+
+SINGLE = GOLDEN_DIR / "gqa4_theta1e6"
+SHARDED = GOLDEN_DIR / "gqa3_theta1e9_sharded"
+
+
+def _copy(src: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path: pathlib.Path, edit) -> None:
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def _expect(path: pathlib.Path, *fragments: str, **kwargs) -> None:
+    with pytest.raises(nld_jax.LoadError) as info:
+        nld_jax.load_model(path, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_single_and_sharded_load_with_lora():
+    model = nld_jax.load_model(SINGLE, dtype="float32")
+    assert model.has_lora and model.config.num_key_value_heads == 1
+    assert nld_jax.load_model(SINGLE, lora=False).has_lora is False
+    sharded = nld_jax.load_model(SHARDED, dtype="bfloat16")
+    assert sharded.embed_vd.dtype == jnp.bfloat16 and not sharded.has_lora
+    assert sharded.config.rope_theta == 1e9  # read from the older rope_scaling spelling
+
+
+def test_lora_weights_are_peft_layout():
+    model = nld_jax.load_model(SINGLE, dtype="float32")
+    tensors = load_file(str(SINGLE / "linear_spec_lora" / "adapter_model.safetensors"))
+    a = tensors["base_model.model.encoder.layers.1.self_attn.o_proj.lora_A.weight"]
+    b = tensors["base_model.model.encoder.layers.1.self_attn.o_proj.lora_B.weight"]
+    lora = model.layers[1].attn.lora
+    assert lora.scale == 32 / 8
+    x = np.random.default_rng(0).normal(size=(1, 1, 4, 32)).astype(np.float32)
+    want = 4.0 * (x.reshape(1, 128) @ a.astype(np.float32).T @ b.astype(np.float32).T)
+    np.testing.assert_allclose(np.asarray(lora(jnp.asarray(x)))[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = nld_jax.load_model(SINGLE, dtype="float32")
+    save_model(model, tmp_path / "out")
+    again = nld_jax.load_model(tmp_path / "out", dtype="float32")
+    ids = jnp.arange(12, dtype=jnp.int32)[None]
+    np.testing.assert_array_equal(model(ids), again(ids))
+    assert again.has_lora
+
+
+def test_missing_tensor(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    _rewrite(path / "model.safetensors", lambda t: t.pop("encoder.layers.1.mlp.up_proj.weight"))
+    _expect(path, "missing", "encoder.layers.1.mlp.up_proj.weight")
+
+
+def test_unexpected_tensor(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    _rewrite(path / "model.safetensors",
+             lambda t: t.update({"lm_head.weight": np.zeros((4, 4), np.float32)}))
+    _expect(path, "unexpected", "lm_head.weight", "model.safetensors")
+
+
+def test_wrong_shape(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    _rewrite(path / "model.safetensors", lambda t: t.update(
+        {"encoder.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), ml_dtypes.bfloat16)}))
+    _expect(path, "encoder.layers.0.self_attn.k_proj.weight", "[64, 64]", "expected [32, 64]")
+
+
+def test_wrong_dtype(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    _rewrite(path / "model.safetensors",
+             lambda t: t.update({"encoder.norm.weight": np.ones((64,), np.int32)}))
+    _expect(path, "encoder.norm.weight", "I32")
+
+
+def test_truncated_file(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    _expect(path, "model.safetensors", "not a readable safetensors file")
+
+
+def test_not_safetensors(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    (path / "model.safetensors").write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
+    _expect(path, "model.safetensors", "not a readable safetensors file")
+
+
+def test_index_points_at_missing_shard(tmp_path):
+    path = _copy(SHARDED, tmp_path)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    _expect(path, "missing shard", "model-00002-of-00002.safetensors")
+
+
+def test_index_disagrees_with_shards(tmp_path):
+    path = _copy(SHARDED, tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["encoder.norm.weight"] = "model-00001-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect(path, "encoder.norm.weight", "lacks it")
+
+
+def test_no_weights_at_all(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    (path / "model.safetensors").unlink()
+    _expect(path, "neither model.safetensors nor model.safetensors.index.json")
+
+
+def test_config_does_not_match_tensors(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    _expect(path, "missing", "encoder.layers.2.")
+    config["num_hidden_layers"], config["intermediate_size"] = 2, 100
+    (path / "config.json").write_text(json.dumps(config))
+    _expect(path, "mlp", "from the config", "100]")
+
+
+def test_bad_config_field(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["num_key_value_heads"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    _expect(path, "config.json", "num_key_value_heads=3")
+    del config["vocab_size"]
+    (path / "config.json").write_text(json.dumps(config))
+    _expect(path, "config.json", "vocab_size")
+
+
+def test_nan_when_asked(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+
+    def poison(t):
+        weight = t["encoder.layers.0.mlp.down_proj.weight"].astype(np.float32)
+        weight[3, 5] = np.nan
+        t["encoder.layers.0.mlp.down_proj.weight"] = weight.astype(ml_dtypes.bfloat16)
+
+    _rewrite(path / "model.safetensors", poison)
+    nld_jax.load_model(path, lora=False)  # not checked by default
+    _expect(path, "encoder.layers.0.mlp.down_proj.weight", "NaN or Inf", check_finite=True)
+
+
+def test_bad_lora(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    lora_file = path / "linear_spec_lora" / "adapter_model.safetensors"
+    _rewrite(lora_file, lambda t: t.pop(
+        "base_model.model.encoder.layers.0.self_attn.o_proj.lora_B.weight"))
+    _expect(path, "missing", "lora_B")
+    nld_jax.load_model(path, lora=False)  # the base model is still fine without it
+    config_file = path / "linear_spec_lora" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["q_proj", "o_proj"]
+    config_file.write_text(json.dumps(config))
+    _expect(path, "adapter_config.json", "target_modules")
+    _expect(tmp_path / "nowhere", "not a directory")
+    _expect(path, "does not exist", lora=tmp_path / "no_adapter")
+
+
+def test_bad_dtype_argument():
+    _expect(SINGLE, "dtype", dtype="float16")

@@ -23,7 +23,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *,
            k_prefix: jax.Array | None = None, v_prefix: jax.Array | None = None,
            prefix_lengths: jax.Array | None = None, causal: jax.Array | bool = True,
-           impl: str = "xla") -> jax.Array:
+           block_mask: jax.Array | None = None, impl: str = "xla") -> jax.Array:
     """Softmax attention of a block against [cached prefix ++ block].
 
     Args:
@@ -32,6 +32,8 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *,
       k_prefix, v_prefix: [B, S, K, H] the KV cache, or None for no prefix.
       prefix_lengths: int [B]: slots [0, prefix_lengths) of the prefix are valid.
       causal: bool scalar (may be traced): in-block causal if True, else bidirectional.
+      block_mask: bool [T, T] or [B, T, T] (query, key): an explicit in-block pattern that
+        replaces `causal` (the training objective's two-stream mask).
       impl: "xla" (plain jnp).
     Returns:
       [B, T, N, H] in q's dtype.
@@ -45,10 +47,12 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *,
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h) * jnp.asarray(h ** -0.5, q.dtype)
 
     # In-block mask [T, T]: key j visible to query i iff j <= i, or always when bidirectional.
-    idx = jnp.arange(t)
-    block_mask = jnp.logical_or(idx[None, :] <= idx[:, None], jnp.logical_not(causal))
+    if block_mask is None:
+        idx = jnp.arange(t)
+        block_mask = jnp.logical_or(idx[None, :] <= idx[:, None], jnp.logical_not(causal))
+    block_mask = jnp.broadcast_to(block_mask, (b, t, t))
     scores = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k_block, preferred_element_type=jnp.float32)
-    scores = jnp.where(block_mask[None, :, None, None, :], scores, _MASKED)
+    scores = jnp.where(block_mask[:, :, None, None, :], scores, _MASKED)
     values = v_block
     if k_prefix is not None:
         assert v_prefix is not None and prefix_lengths is not None

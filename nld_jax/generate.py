@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from nld_jax.cache import KVCache
-from nld_jax.decode import ar
+from nld_jax.decode import ar, diffusion, self_spec
 from nld_jax.decode.common import Budget, Sampler
 from nld_jax.decode.prefill import prefill
 from nld_jax.model import NLDModel
@@ -22,7 +22,7 @@ from nld_jax.model import NLDModel
 __all__ = ["generate", "GenerationOutput", "MODES", "TRACE_COUNTS"]
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
-_IMPLEMENTED = ("ar",)
+_IMPLEMENTED = ("ar", "diffusion", "self_spec")
 _MIN_BUCKET = 16
 
 # How often each mode's program has been traced; tests read it to prove there is no recompile.
@@ -76,33 +76,76 @@ def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "capacity", "out_len", "eos_ids",
-                                             "top_k"))
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything about a call that changes shapes or control flow (a jit static argument)."""
+
+    mode: str
+    capacity: int  # S: cache slots
+    out_len: int  # O: output buffer per row
+    top_k: int
+    block_size: int
+    use_threshold: bool
+    all_mask_init: bool
+    accept_rule: str
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static"))
 def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
              prompt_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array,
-             temperature: jax.Array, top_p: jax.Array, *, mode: str, capacity: int,
-             out_len: int, eos_ids: tuple[int, ...], top_k: int) -> dict[str, jax.Array]:
+             temperature: jax.Array, top_p: jax.Array, threshold: jax.Array,
+             denoise_steps: jax.Array, eos_ids: jax.Array, *,
+             static: _Static) -> dict[str, jax.Array]:
     """Prefill and the whole decode loop of one mode, as one program."""
-    TRACE_COUNTS[mode] += 1
+    TRACE_COUNTS[static.mode] += 1
     model: NLDModel = nnx.merge(graphdef, state)
     config = model.config
     cache = KVCache.empty(num_layers=config.num_hidden_layers, batch=prompts.shape[0],
-                          capacity=capacity, num_kv_heads=config.num_key_value_heads,
+                          capacity=static.capacity, num_kv_heads=config.num_key_value_heads,
                           head_dim=config.head_dim, dtype=model.dtype)
-    sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k)
+    sampler = Sampler(temperature=temperature, top_p=top_p, top_k=static.top_k)
     budget = Budget(max_new_tokens=max_new_tokens, eos_ids=eos_ids)
     prefill_rng, loop_rng = jax.random.split(rng)
     last_logits, cache = prefill(model, prompts, prompt_lengths, cache)
     seed = sampler(last_logits, prefill_rng)
-    final = ar.run(model, sampler, budget, ar.init(cache, seed, out_len, budget, loop_rng))
+    if static.mode == "ar":
+        final = ar.run(model, sampler, budget, ar.init(cache, seed, static.out_len, budget,
+                                                        loop_rng))
+        extra = {}
+    elif static.mode == "diffusion":
+        settings = diffusion.Settings(
+            threshold=threshold, denoise_steps=denoise_steps,
+            mask_token_id=config.mask_token_id, block_size=static.block_size,
+            use_threshold=static.use_threshold, all_mask_init=static.all_mask_init)
+        final = diffusion.run(model, sampler, budget, settings,
+                              diffusion.init(cache, seed, static.out_len, budget, loop_rng))
+        extra = dict(num_blocks=final.num_blocks, denoise_steps=final.denoise_steps)
+    else:
+        settings = self_spec.Settings(mask_token_id=config.mask_token_id,
+                                      block_size=static.block_size,
+                                      accept_rule=static.accept_rule)
+        final = self_spec.run(model, sampler, budget, settings,
+                              self_spec.init(cache, seed, static.out_len, budget, loop_rng,
+                                             settings))
+        extra = dict(accepted_histogram=final.accepted_histogram)
     return dict(tokens=final.tokens, num_tokens=final.num_tokens,
-                num_forwards=final.num_forwards)
+                num_forwards=final.num_forwards, **extra)
+
+
+def _truncate_after_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:i + 1]
+    return tokens
 
 
 def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: int = 256,
              temperature: float = 0.0, block_size: int | None = None,
              threshold: float | None = 0.9, seed: int = 0, *, top_k: int = 0,
-             top_p: float = 1.0, max_cache_len: int | None = None) -> GenerationOutput:
+             top_p: float = 1.0, max_cache_len: int | None = None,
+             denoise_steps: int | None = None, all_mask_init: bool = False,
+             accept_rule: str = "exact",
+             eos_token_ids: Sequence[int] | None = None) -> GenerationOutput:
     """Generates continuations of a ragged batch of prompts.
 
     Args:
@@ -118,6 +161,12 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
       top_p: sample among the smallest set reaching this probability (1.0 = off).
       max_cache_len: the context the KV cache is sized for (default: buckets of the request,
         up to config.max_position_embeddings).
+      denoise_steps: diffusion: at most this many denoise forwards a block (default
+        block_size); with threshold=None the even schedule spreads the masks over them.
+      all_mask_init: diffusion: start blocks all-mask (SGLang/vLLM) instead of [seed, MASK...].
+      accept_rule: self_spec at temperature > 0: "exact" speculative sampling (the output is
+        distributed as AR sampling) or "match" (NVIDIA's: sample the AR token, accept on match).
+      eos_token_ids: tokens that end a row (default: config.eos_token_ids).
     Returns:
       GenerationOutput.
     """
@@ -135,9 +184,31 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
         raise ValueError(f"{top_p=} must be in (0, 1]")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
         raise ValueError(f"{top_k=} must be an integer in [0, vocab_size={config.vocab_size}]")
+    block = config.block_size if block_size is None else block_size
+    if mode in ("diffusion", "self_spec"):
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
+            raise ValueError(f"block_size={block!r} must be an integer >= 2")
+    if mode == "diffusion":
+        if threshold is not None and not 0 < threshold <= 1:
+            raise ValueError(f"{threshold=} must be in (0, 1], or None for the even schedule")
+        steps = block if denoise_steps is None else denoise_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
+                or not 1 <= steps <= block:
+            raise ValueError(f"denoise_steps={steps!r} must be an integer in [1, {block=}]")
+    else:
+        steps = 1
+    if accept_rule not in self_spec.ACCEPT_RULES:
+        raise ValueError(f"unknown {accept_rule=}; expected one of {self_spec.ACCEPT_RULES}")
+    eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    if not eos_ids or any(not isinstance(t, (int, np.integer)) or not 0 <= t < config.vocab_size
+                          for t in eos_ids):
+        raise ValueError(f"eos_token_ids={eos_ids!r} must be token ids in "
+                         f"[0, {config.vocab_size})")
     rows = _as_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
-    needed = longest + int(max_new_tokens)
+    # Diffusion emits whole blocks: the budget is rounded up to a multiple of the block.
+    rounded = -(-int(max_new_tokens) // block) * block if mode == "diffusion" else max_new_tokens
+    needed = longest + int(rounded)
     limit = config.max_position_embeddings if max_cache_len is None else max_cache_len
     if needed > limit:
         which = "config.max_position_embeddings" if max_cache_len is None else "max_cache_len"
@@ -145,24 +216,45 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
                          f"{needed} positions, more than {which}={limit}")
 
     prompt_bucket, out_bucket = _bucket(longest), _bucket(int(max_new_tokens))
-    # The prefill writes the whole padded prompt, so the cache holds at least its bucket.
-    capacity = prompt_bucket + out_bucket if max_cache_len is None else max(max_cache_len,
-                                                                           prompt_bucket)
+    # Block modes write a whole block past the valid length (and diffusion rounds the budget
+    # up), so buffers and cache get one extra block of room.
+    slack = 0 if mode == "ar" else -(-out_bucket // block) * block - out_bucket + block
+    capacity = prompt_bucket + out_bucket + slack
+    if max_cache_len is not None:
+        # The prefill writes the whole padded prompt, and a block may be written past the end.
+        capacity = max(max_cache_len + (0 if mode == "ar" else block), prompt_bucket)
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row
     lengths = np.array([len(r) for r in rows], np.int32)
 
     graphdef, state = nnx.split(model)
+    static = _Static(mode=mode, capacity=capacity, out_len=out_bucket + slack,
+                     top_k=top_k,
+                     block_size=block if mode != "ar" else 0,
+                     use_threshold=threshold is not None, all_mask_init=bool(all_mask_init),
+                     accept_rule=accept_rule)
     result = _program(graphdef, state, jnp.asarray(padded), jnp.asarray(lengths),
-                      jnp.int32(max_new_tokens), jax.random.key(seed),
-                      jnp.float32(temperature), jnp.float32(top_p), mode=mode,
-                      capacity=capacity, out_len=out_bucket, eos_ids=config.eos_token_ids,
-                      top_k=top_k)
-    tokens = np.asarray(result["tokens"])
-    counts = np.asarray(result["num_tokens"])
-    out_tokens = [tokens[b, :counts[b]].tolist() for b in range(len(rows))]
+                      jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
+                      jnp.float32(top_p), jnp.float32(1.0 if threshold is None else threshold),
+                      jnp.int32(steps), jnp.asarray(eos_ids, jnp.int32), static=static)
+    result = jax.device_get(result)
+    counts = result["num_tokens"]
+    out_tokens = [_truncate_after_eos(result["tokens"][b, :counts[b]].tolist(),
+                                      eos_ids) for b in range(len(rows))]
     num_forwards = int(result["num_forwards"])
-    total = int(counts.sum())
-    stats = {"num_tokens": total, "tokens_per_forward": total / max(num_forwards, 1)}
+    total = sum(len(t) for t in out_tokens)
+    stats: dict[str, Any] = {"num_forwards": num_forwards, "num_tokens": total,
+                             "tokens_per_forward": total / max(num_forwards, 1)}
+    if mode == "diffusion":
+        blocks = int(result["num_blocks"].sum())
+        stats["num_blocks"] = blocks
+        stats["denoise_steps_per_block"] = int(result["denoise_steps"].sum()) / max(blocks, 1)
+    elif mode == "self_spec":
+        histogram = result["accepted_histogram"]
+        cycles = int(histogram.sum())
+        stats["accepted_histogram"] = histogram.tolist()
+        stats["cycles"] = cycles
+        stats["mean_accepted"] = float((histogram * np.arange(histogram.size)).sum()
+                                       / max(cycles, 1))
     return GenerationOutput(tokens=out_tokens, num_forwards=num_forwards, stats=stats)

@@ -108,7 +108,8 @@ class Attention(nnx.Module):
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, cache_k: jax.Array | None,
                  cache_v: jax.Array | None, cache_lengths: jax.Array | None,
                  causal: jax.Array | bool, lora_on: jax.Array | bool,
-                 attention_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 attention_impl: str, block_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_dnh[...])
         k = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_dkh[...])
         v = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_dkh[...])
@@ -120,10 +121,13 @@ class Attention(nnx.Module):
             q_scale = 1.0 + beta * jnp.log(1.0 + floor)
             q = q * q_scale[:, :, None, None].astype(q.dtype)
         attn = attend(q, k, v, k_prefix=cache_k, v_prefix=cache_v, prefix_lengths=cache_lengths,
-                      causal=causal, impl=attention_impl)
+                      causal=causal, block_mask=block_mask, impl=attention_impl)
         out = jnp.einsum("BTNH,NHD->BTD", attn, self.o_nhd[...])
         if self.lora is not None:
             delta = self.lora(attn).astype(out.dtype)
+            lora_on = jnp.asarray(lora_on)
+            if lora_on.ndim == 2:  # per token [B, T]
+                lora_on = lora_on[:, :, None]
             out = out + jnp.where(lora_on, delta, jnp.zeros_like(delta))
         return out, k, v
 
@@ -196,7 +200,8 @@ class NLDModel(nnx.Module):
     def forward_block(self, tokens: jax.Array, cache: KVCache | None, *,
                       causal: jax.Array | bool, write: jax.Array | bool = False,
                       lora_on: jax.Array | bool = False, logits_index: jax.Array | None = None,
-                      read_cache: bool = True) -> tuple[jax.Array, KVCache | None]:
+                      read_cache: bool = True, positions: jax.Array | None = None,
+                      block_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """A block of T tokens at positions cache.lengths[b] + (0..T-1) against the cache.
 
         Args:
@@ -205,7 +210,7 @@ class NLDModel(nnx.Module):
           causal: bool (may be traced): causal within the block, else bidirectional.
           write: bool (may be traced): write the block's K/V at slots [L, L+T). The valid
             lengths are never advanced here; the caller advances them on commit.
-          lora_on: bool (may be traced): apply the draft LoRA adapter, if attached.
+          lora_on: bool (may be traced), or bool [B, T] per token: apply the draft adapter.
           logits_index: int [B]: compute logits only at this block position of each row (a
             prefill needs one position, and [P, V] logits would dwarf the weights).
         Returns:
@@ -214,7 +219,8 @@ class NLDModel(nnx.Module):
         """
         b, t = tokens.shape
         starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
-        positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         h = jnp.take(self.embed_vd[...], tokens, axis=0)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
@@ -224,7 +230,8 @@ class NLDModel(nnx.Module):
                     cache_k=cache.k[i] if cache is not None and read_cache else None,
                     cache_v=cache.v[i] if cache is not None and read_cache else None,
                     cache_lengths=None if cache is None else cache.lengths,
-                    causal=causal, lora_on=lora_on, attention_impl=self.attention_impl)
+                    causal=causal, lora_on=lora_on, attention_impl=self.attention_impl,
+                    block_mask=block_mask)
                 x = h + attn_out
                 h = x + layer.mlp(layer.post_attn_norm(x))
                 if cache is not None:

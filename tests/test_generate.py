@@ -13,15 +13,16 @@ from nld_jax.generate import TRACE_COUNTS
 from tests.conftest import GOLDEN_DIR
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    return nld_jax.load_model(GOLDEN_DIR / "gqa4_theta1e6", dtype="float32", lora=False)
-
-
-def _with_eos(model, eos: int):
-    """The same weights with another EOS id (the config is static data of the module)."""
+def _load(path, eos: int = 127):
+    """A fixture checkpoint whose EOS (127) is rare, so rows run to their budget."""
+    model = nld_jax.load_model(path, dtype="float32", lora=False)
     model.config = dataclasses.replace(model.config, eos_token_ids=(eos,))
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _load(GOLDEN_DIR / "gqa4_theta1e6")
 
 
 def _greedy_reference(model, prompt: list[int], n: int, width: int = 64) -> list[int]:
@@ -40,19 +41,19 @@ def test_greedy_tokens_equal_transformers(golden_case):
     # one that does, to check the stop lands exactly on it.
     for i in range(3):
         want = golden[f"ar_tokens_{i}"].tolist()
-        _with_eos(model, next(t for t in range(128) if t not in want))
-        out = nld_jax.generate(model, [golden[f"ar_prompt_{i}"].tolist()], max_new_tokens=48)
+        absent = next(t for t in range(128) if t not in want)
+        prompt = [golden[f"ar_prompt_{i}"].tolist()]
+        out = nld_jax.generate(model, prompt, max_new_tokens=48, eos_token_ids=[absent])
         assert out.tokens[0] == want
         assert out.num_forwards == 47  # the first token comes from the prefill
         eos = want[20]
-        _with_eos(model, eos)
-        out = nld_jax.generate(model, [golden[f"ar_prompt_{i}"].tolist()], max_new_tokens=48)
+        out = nld_jax.generate(model, prompt, max_new_tokens=48, eos_token_ids=[eos])
         assert out.tokens[0] == want[:want.index(eos) + 1]
 
 
 def test_ragged_batch_equals_single_rows(golden_case):
     path, golden = golden_case
-    model = _with_eos(nld_jax.load_model(path, dtype="float32", lora=False), 127)
+    model = _load(path)
     prompts = [golden[f"ar_prompt_{i}"].tolist() for i in range(3)] + [[5]]
     out = nld_jax.generate(model, prompts, max_new_tokens=20)
     for prompt, tokens, i in zip(prompts, out.tokens, range(4), strict=True):
@@ -64,13 +65,11 @@ def test_ragged_batch_equals_single_rows(golden_case):
 
 def test_rows_stop_independently(tiny_model):
     model = tiny_model
-    _with_eos(model, 127)
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
     free = nld_jax.generate(model, prompts, max_new_tokens=24).tokens
     eos = free[0][6]
     assert eos not in free[1][:10] or free[1].index(eos) > 6
-    _with_eos(model, eos)
-    out = nld_jax.generate(model, prompts, max_new_tokens=24)
+    out = nld_jax.generate(model, prompts, max_new_tokens=24, eos_token_ids=[eos])
     assert out.tokens[0] == free[0][:free[0].index(eos) + 1]
     expect_1 = free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1]
     assert out.tokens[1] == expect_1
@@ -78,14 +77,12 @@ def test_rows_stop_independently(tiny_model):
 
 
 def test_budget_one_and_array_prompts(tiny_model):
-    _with_eos(tiny_model, 127)
     prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
     out = nld_jax.generate(tiny_model, prompts, max_new_tokens=1)
     assert [len(t) for t in out.tokens] == [1, 1] and out.num_forwards == 0
 
 
 def test_no_recompile_within_a_bucket(tiny_model):
-    _with_eos(tiny_model, 127)
     nld_jax.generate(tiny_model, [[1, 2, 3], [4, 5]], max_new_tokens=10)
     before = TRACE_COUNTS["ar"]
     nld_jax.generate(tiny_model, [[7, 8, 9, 10, 11, 12], [1]], max_new_tokens=13,
@@ -97,7 +94,6 @@ def test_no_recompile_within_a_bucket(tiny_model):
 
 
 def test_sampling_is_seeded_and_follows_temperature(tiny_model):
-    _with_eos(tiny_model, 127)
     prompt = [[1, 2, 3, 4]] * 64
     a = nld_jax.generate(tiny_model, prompt, max_new_tokens=8, temperature=1.0, seed=1).tokens
     b = nld_jax.generate(tiny_model, prompt, max_new_tokens=8, temperature=1.0, seed=1).tokens
@@ -116,7 +112,6 @@ def test_sampling_is_seeded_and_follows_temperature(tiny_model):
 
 def test_first_token_distribution_matches_softmax(tiny_model):
     """Temperature sampling draws from softmax(logits / T): a chi-square test at alpha = 1e-3."""
-    _with_eos(tiny_model, 127)
     prompt = [5, 6, 7]
     temperature = 2.0
     logits = np.asarray(tiny_model(jnp.asarray([prompt])))[0, -1] / temperature
@@ -152,6 +147,7 @@ def test_first_token_distribution_matches_softmax(tiny_model):
     (dict(prompts=[[1]], temperature=-1.0), ValueError, "temperature=-1.0"),
     (dict(prompts=[[1]], top_p=0.0), ValueError, "top_p=0.0"),
     (dict(prompts=[[1]], mode="beam"), ValueError, "unknown mode='beam'"),
+    (dict(prompts=[[1]], eos_token_ids=[128]), ValueError, "eos_token_ids=(128,)"),
 ])
 def test_bad_arguments(tiny_model, kwargs, error, message):
     prompts = kwargs.pop("prompts")
@@ -161,7 +157,6 @@ def test_bad_arguments(tiny_model, kwargs, error, message):
 
 
 def test_fixed_cache_len(tiny_model):
-    _with_eos(tiny_model, 127)
     prompt = [[4, 5, 6, 7]]
     want = nld_jax.generate(tiny_model, prompt, max_new_tokens=20).tokens
     assert nld_jax.generate(tiny_model, prompt, max_new_tokens=20, max_cache_len=24).tokens == want

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from nld_jax.sampling import sample_tokens
+from nld_jax.sampling import filter_logits, sample_tokens
 
 __all__ = ["Sampler", "Budget", "emit"]
 
@@ -24,6 +24,11 @@ class Sampler:
     def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         return sample_tokens(logits, rng, self.temperature, top_k=self.top_k, top_p=self.top_p)
 
+    def log_probs(self, logits: jax.Array) -> jax.Array:
+        """float32 [..., V]: log of the distribution tokens are drawn from at temperature > 0."""
+        filtered = filter_logits(logits, self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return jax.nn.log_softmax(filtered, axis=-1)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +36,7 @@ class Budget:
     """When a row stops."""
 
     max_new_tokens: jax.Array  # int32 []: traced, so budgets in one bucket share a program
-    eos_ids: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    eos_ids: jax.Array  # int32 [E]: any of these ends a row (traced: no recompile per EOS set)
 
 
 def emit(tokens: jax.Array, num_tokens: jax.Array, new: jax.Array,

@@ -10,7 +10,10 @@ model (fixed seeds), writes it in the RELEASED NLD layout (``config.json`` with
   the model cast to bfloat16 (``logits_bf16``, upcast to float32), both [2, 80, V];
 * greedy AR continuations with the KV cache (``model.generate``), 48 new tokens for three prompts
   of lengths 5, 17 and 40: ``ar_prompt_{i}``, ``ar_tokens_{i}`` (float32 model; checked against a
-  no-cache argmax loop) and ``ar_tokens_bf16_{i}`` (bfloat16 model, informational).
+  no-cache argmax loop) and ``ar_tokens_bf16_{i}`` (bfloat16 model, informational);
+* ``decode.json``: greedy outputs of the diffusion mode and of linear self-speculation (LinearSpec,
+  LoRA draft on/off) for the same three prompts, computed by ``torch_decoding.py`` with the float32
+  model as the network (no KV cache: explicit 4D attention masks, see that module).
 
 Every parameter is rounded to bfloat16 before the float32 reference runs, so the bf16 checkpoint
 holds exactly the values the float32 reference used.
@@ -33,8 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, Ministral3Config, Ministral3ForCausalLM
+
+try:  # run as a script (the documented way): tests/reference is on sys.path
+    import torch_decoding as td
+except ModuleNotFoundError:  # imported as tests.reference.make_golden
+    from tests.reference import torch_decoding as td
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO_ROOT / "tests" / "fixtures" / "golden"
@@ -62,6 +70,12 @@ YARN_FIELDS = {
     "llama_4_scaling_beta": 0.1,
 }
 
+# decode.json (diffusion / self-speculation goldens).
+DECODE_NEW_TOKENS = 24
+DECODE_EOS_INDEX = 9  # the second EOS choice: the token the first run emitted at this index
+SPEC_BLOCK_SIZES = (4, 8)
+CUSTOM_MASK_TOL = 1e-5
+
 LORA_RANK = 8
 LORA_ALPHA = 32
 LORA_STD = 0.05
@@ -88,6 +102,12 @@ CASES = [
         "sharded": False,
         "legacy_rope_spelling": False,
         "lora": True,
+        # Low diffusion threshold. The softmax over 128 ids is nearly flat on these random models
+        # (top-1 p of masked positions about 0.0103 .. 0.0131, median 0.0113), so 0.9 only ever
+        # commits the forced top-1. Picked from a 1e-4 grid: a step commits about 3 tokens on
+        # average (blocks of B=8 take 1 to 5 steps), and no confidence of any recorded run lies
+        # within 2e-5 of it (the README lists the margins).
+        "low_threshold": 0.0110,
         "covers": "GQA 4 q heads per kv head (single kv head), head_dim 32 != hidden/heads, "
         "theta 1e6, single-file checkpoint, `rope_parameters` spelling, LoRA adapter dir.",
     },
@@ -107,6 +127,9 @@ CASES = [
         "sharded": True,
         "legacy_rope_spelling": True,
         "lora": False,
+        # Confidences sit lower here (about 0.0099 .. 0.0122, median 0.0107); same criteria: about
+        # 3.7 tokens a step (blocks take 1 to 3 steps), no confidence within 6e-6 of it.
+        "low_threshold": 0.0105,
         "covers": "GQA 3 q heads per kv head (2 kv heads), head_dim 16 != hidden/heads, "
         "theta 1e9, sharded checkpoint (index.json + 2 files), legacy top-level "
         "`rope_theta` + `rope_scaling` spelling.",
@@ -377,6 +400,233 @@ def top2_gap(logits: np.ndarray) -> np.ndarray:
     return part[..., -1] - part[..., -2]
 
 
+# ---------------------------------------------------------------------------------------------
+# decode.json: diffusion and self-speculation goldens (torch_decoding.py on the float32 model).
+# ---------------------------------------------------------------------------------------------
+
+
+def sdpa_copy(model: Ministral3ForCausalLM) -> Ministral3ForCausalLM:
+    """The same weights with transformers' SDPA attention (accepts a boolean 4D mask)."""
+    other = copy.deepcopy(model)
+    other.set_attn_implementation("sdpa")
+    assert other.config._attn_implementation == "sdpa"
+    return other.eval()
+
+
+@torch.no_grad()
+def check_custom_mask(model: Ministral3ForCausalLM, ids: np.ndarray) -> dict:
+    """The custom 4D mask path of torch_decoding is honoured and computes what it should.
+
+    1. Causal mask, whole sequence: equals the plain forward (transformers' own causal mask).
+    2. Causal mask over prefix + block: the block rows equal the plain forward's rows.
+    3. Bidirectional block: equals the SDPA implementation given the same pattern as a BOOLEAN
+       [1, 1, T, T] mask (an independent attention kernel and mask convention), and differs from
+       the causal result (the mask is not silently ignored).
+    4. The draft pass over a cached prefix equals the recompute for the base model.
+    """
+    seq = [int(t) for t in ids[0, :48]]
+    plain = causal_logits(model, np.array([seq]))[0]
+    whole = td.forward_logits(model, [], seq, bidirectional=False)
+    err_causal = float(np.abs(whole - plain).max())
+    assert err_causal < CUSTOM_MASK_TOL, f"custom causal mask != plain forward: {err_causal}"
+    prefix, block = seq[:40], seq[40:]
+    split = td.forward_logits(model, prefix, block, bidirectional=False)
+    err_split = float(np.abs(split - plain[40:]).max())
+    assert err_split < CUSTOM_MASK_TOL, f"prefix + causal block != plain forward: {err_split}"
+
+    bidir = td.forward_logits(model, prefix, block, bidirectional=True)
+    sdpa = sdpa_copy(model)
+    ids_t = torch.tensor([seq], dtype=torch.int64)
+    allowed = td.block_mask(len(prefix), len(block), bidirectional=True)[None, None]
+    ref = sdpa(
+        input_ids=ids_t, attention_mask=allowed, position_ids=torch.arange(len(seq))[None],
+        use_cache=False,
+    ).logits[0, len(prefix) :].float().numpy()
+    err_bidir = float(np.abs(bidir - ref).max())
+    assert err_bidir < CUSTOM_MASK_TOL, f"bidirectional eager != sdpa boolean mask: {err_bidir}"
+    moved = float(np.abs(bidir - split).max())
+    assert moved > 1e-3, f"bidirectional mask had no effect ({moved})"
+    # 4. The draft path that reads a KV cache of the prefix (used with an adapter) computes the
+    #    same thing as the recompute when the draft model equals the base.
+    cached = td.draft_logits(model, copy.deepcopy(model), prefix, block)
+    err_cached = float(np.abs(cached - bidir).max())
+    assert err_cached < CUSTOM_MASK_TOL, f"cached-prefix draft != recompute: {err_cached}"
+    return {"causal": err_causal, "split": err_split, "bidir_vs_sdpa": err_bidir,
+            "cached_draft": err_cached}
+
+
+@torch.no_grad()
+def lora_merged(
+    model: Ministral3ForCausalLM, case_dir: Path, check_ids: np.ndarray
+) -> tuple[Ministral3ForCausalLM, float]:
+    """Copy of ``model`` with the draft LoRA merged: o_proj.W + scale * B @ A, in float32.
+
+    The adapter's bf16 tensors are read back from ``linear_spec_lora/`` and upcast. The merged
+    model computes ``(W + s B A) x``, the unmerged adapter ``W x + s B (A x)``: the same linear map,
+    so they agree up to float32 rounding, which is asserted here against an unmerged forward
+    (forward hooks adding ``s * B (A x)`` to every o_proj output of the base model).
+    """
+    lora_dir = case_dir / "linear_spec_lora"
+    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["o_proj"]
+    scale = cfg["lora_alpha"] / cfg["r"]
+    raw = load_file(str(lora_dir / "adapter_model.safetensors"))
+    tensors = {k: v.float() for k, v in raw.items()}
+    merged = copy.deepcopy(model).eval()
+    hooks = []
+    for i, layer in enumerate(merged.model.layers):
+        prefix = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+        a, b = tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
+        o_proj = layer.self_attn.o_proj
+        o_proj.weight.copy_(o_proj.weight + scale * (b @ a))
+
+        def add_lora(_mod, inputs, output, a=a, b=b):
+            return output + scale * ((inputs[0] @ a.T) @ b.T)
+
+        hooks.append(model.model.layers[i].self_attn.o_proj.register_forward_hook(add_lora))
+    seq = [int(t) for t in check_ids[0, :48]]
+    try:
+        unmerged = td.forward_logits(model, seq[:40], seq[40:], bidirectional=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    got = td.forward_logits(merged, seq[:40], seq[40:], bidirectional=True)
+    err = float(np.abs(got - unmerged).max())
+    assert err < CUSTOM_MASK_TOL, f"merged LoRA != unmerged adapter: {err}"
+    base = td.forward_logits(model, seq[:40], seq[40:], bidirectional=True)
+    assert float(np.abs(got - base).max()) > 1e-3, "the LoRA has no effect"
+    return merged, err
+
+
+def absent_id(tokens: list[int]) -> int:
+    """The smallest id >= 0 that does not occur in ``tokens``."""
+    e = 0
+    while e in tokens:
+        e += 1
+    return e
+
+
+def decode_one(
+    setting: dict,
+    eos: int,
+    model: Ministral3ForCausalLM,
+    draft_lora: Ministral3ForCausalLM | None,
+    ar_tokens: np.ndarray,
+    margins: td.Margins,
+    mask_id_runs: list[str],
+) -> dict:
+    """One decode.json run: ``setting`` holds every field but the outputs and the EOS id."""
+    n, prompt, bk = setting["max_new_tokens"], setting["prompt"], setting["block_size"]
+    if setting["mode"] == "diffusion":
+        kwargs = {
+            "block_size": bk, "threshold": setting["threshold"],
+            "steps_per_block": setting["steps_per_block"], "max_new_tokens": n,
+            "eos_token_id": eos, "mask_token_id": MASK_ID,
+        }
+        res = td.diffusion_generate(model, prompt, margins=margins, **kwargs)
+        # Masks are tracked by position (a seed or committed token equal to the mask id stays a
+        # token). Tracking them by value (x == mask_id) can only differ when the mask id is among
+        # the emitted tokens: check that, and list such runs in the README.
+        by_value = td.diffusion_generate(model, prompt, mask_by_value=True, **kwargs)
+        if by_value != res:
+            assert MASK_ID in res.tokens, "mask tracking matters without a mask id"
+            if eos >= 0:  # eos -1: the unrecorded first pass
+                mask_id_runs.append(
+                    f"prompt {setting['prompt_index']}, B={bk}, threshold "
+                    f"{setting['threshold']}, S={setting['steps_per_block']}, eos {eos}"
+                )
+        extra = {"steps_per_block_used": res.steps_per_block_used}
+    else:
+        draft = draft_lora if setting["lora"] else model
+        assert draft is not None
+        res = td.self_spec_generate(
+            model, draft, prompt, block_size=bk, max_new_tokens=n, eos_token_id=eos,
+            mask_token_id=MASK_ID, margins=margins,
+        )
+        # Temperature 0: LinearSpec emits exactly the greedy AR output.
+        ar = td.truncate_after_eos([int(t) for t in ar_tokens[:n]], eos)
+        assert res.tokens == ar, f"self-spec != greedy AR: {res.tokens} vs {ar}"
+        extra = {"accepted": res.accepted}
+    return {
+        **setting, "eos_token_id": eos, "tokens": res.tokens,
+        "num_forwards": res.num_forwards, **extra,
+    }
+
+
+def decode_runs(
+    case: dict,
+    model: Ministral3ForCausalLM,
+    draft_lora: Ministral3ForCausalLM | None,
+    prompts: list[np.ndarray],
+    ar_tokens: list[np.ndarray],
+    margins: td.Margins,
+    mask_id_runs: list[str],
+) -> list[dict]:
+    """All runs of decode.json for one case (the README written below describes the layout).
+
+    ``mask_id_runs`` receives a description of every recorded diffusion run whose output would
+    change if masks were tracked by value (``x == mask_id``) instead of by position.
+    """
+    low = case["low_threshold"]
+    diffusion_cfgs = [(4, 0.9, None), (8, 0.9, None), (4, None, 4), (8, None, 4), (8, low, None)]
+    spec_cfgs = [(bk, False) for bk in SPEC_BLOCK_SIZES]
+    if draft_lora is not None:
+        spec_cfgs += [(bk, True) for bk in SPEC_BLOCK_SIZES]
+    modes = [("diffusion", bk, thr, s, False) for bk, thr, s in diffusion_cfgs]
+    modes += [("self_spec", bk, None, None, lora) for bk, lora in spec_cfgs]
+
+    runs = []
+    for pi, prompt_arr in enumerate(prompts):
+        for mode, bk, thr, steps, lora in modes:
+            setting = {
+                "mode": mode, "prompt_index": pi, "prompt": [int(t) for t in prompt_arr],
+                "block_size": bk, "threshold": thr, "steps_per_block": steps, "lora": lora,
+                "max_new_tokens": DECODE_NEW_TOKENS,
+            }
+            args = (model, draft_lora, ar_tokens[pi], margins, mask_id_runs)
+            # The config's EOS (11) rarely shows up, so each setting runs twice: with an id its
+            # output never contains, then with the token it emitted at DECODE_EOS_INDEX.
+            free = decode_one(setting, -1, *args)  # no EOS at all (not recorded)
+            first = decode_one(setting, absent_id(free["tokens"]), *args)
+            assert {**first, "eos_token_id": -1} == free, "an absent EOS changed the run"
+            assert len(first["tokens"]) > DECODE_EOS_INDEX
+            second = decode_one(setting, first["tokens"][DECODE_EOS_INDEX], *args)
+            first["eos_case"], second["eos_case"] = "absent", f"output_{DECODE_EOS_INDEX}"
+            runs += [first, second]
+    return runs
+
+
+def write_decode_json(case_dir: Path, runs: list[dict]) -> None:
+    """One run per line (ints only, threshold the single float)."""
+    body = ",\n".join("    " + json.dumps(r, separators=(", ", ": ")) for r in runs)
+    text = f'{{\n  "mask_token_id": {MASK_ID},\n  "runs": [\n{body}\n  ]\n}}\n'
+    assert json.loads(text)["runs"] == runs
+    (case_dir / "decode.json").write_text(text)
+
+
+def decode_summary(runs: list[dict]) -> dict:
+    """Typical steps per block / accepted counts and NFE, per kind of run, for the README."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["mode"] == "diffusion":
+            kind = (
+                f"diffusion B={r['block_size']} threshold {r['threshold']}"
+                if r["threshold"] is not None
+                else f"diffusion B={r['block_size']} schedule S={r['steps_per_block']}"
+            )
+        else:
+            kind = f"self_spec B={r['block_size']} lora={r['lora']}"
+        groups.setdefault(kind, []).append(r)
+    out = {}
+    for kind, rs in groups.items():
+        key = "steps_per_block_used" if rs[0]["mode"] == "diffusion" else "accepted"
+        counts = [c for r in rs if r["eos_case"] == "absent" for c in r[key]]
+        toks = sum(len(r["tokens"]) for r in rs if r["eos_case"] == "absent")
+        nfe = sum(r["num_forwards"] for r in rs if r["eos_case"] == "absent")
+        out[kind] = {"key": key, "counts": counts, "tokens_per_forward": toks / nfe}
+    return out
+
+
 def run_case(case: dict) -> dict:
     name = case["name"]
     print(f"[{name}]")
@@ -433,6 +683,33 @@ def run_case(case: dict) -> dict:
     stats["min_gap_ar"] = min(gaps)
     stats["bf16_divergence"] = bf16_match
     np.savez_compressed(case_dir / "golden.npz", **golden)
+
+    stats["mask_check"] = check_custom_mask(model, input_ids)
+    print("  custom 4D mask: max|diff| " + ", ".join(
+        f"{k} {v:.1e}" for k, v in stats["mask_check"].items()))
+    draft = None
+    if case["lora"]:
+        draft, stats["lora_merge_err"] = lora_merged(model, case_dir, input_ids)
+        print(f"  LoRA merged vs unmerged: max|diff| {stats['lora_merge_err']:.1e}")
+    margins = td.Margins()
+    ar_tokens = [golden[f"ar_tokens_{i}"] for i in range(len(prompts))]
+    stats["mask_id_runs"] = []
+    runs = decode_runs(case, model, draft, prompts, ar_tokens, margins, stats["mask_id_runs"])
+    write_decode_json(case_dir, runs)
+    stats["decode_runs"] = len(runs)
+    stats["decode_summary"] = decode_summary(runs)
+    stats["decode_margins"] = margins
+    stats["low_threshold"] = case["low_threshold"]
+    print(
+        f"  decode.json: {len(runs)} runs; min argmax gap {margins.argmax_gap:.2e}, "
+        f"min |p - threshold| {margins.threshold_gap:.2e}, "
+        f"min top-k confidence gap {margins.topk_gap:.2e}"
+    )
+    for desc in stats["mask_id_runs"]:
+        print(f"    mask id emitted; by-value mask tracking would differ: {desc}")
+    for kind, summ in stats["decode_summary"].items():
+        print(f"    {kind}: {summ['key']} {summ['counts']}, "
+              f"tokens/forward {summ['tokens_per_forward']:.2f}")
     return stats
 
 
@@ -467,7 +744,7 @@ def write_readme(stats: list[dict]) -> None:
         "float32 model with the KV cache (no EOS stop; equal to a no-cache argmax loop);",
         "`ar_tokens_bf16_{0,1,2}` int32 [48]: same with the bf16 model (informational).",
         "`linear_spec_lora/` (first case): PEFT LoRA on o_proj, r 8, alpha 32, std 0.05, bf16;",
-        "no golden output uses it yet.",
+        "used by the `lora: true` self-speculation runs of `decode.json`.",
         "",
         "Smallest top-1 minus top-2 logit gap (float32), a guide to how robust argmax checks are:",
     ]
@@ -476,7 +753,95 @@ def write_readme(stats: list[dict]) -> None:
             f"- `{s['name']}`: causal forward {s['min_gap_forward']:.2e}, "
             f"greedy AR steps {s['min_gap_ar']:.2e}"
         )
+    lines += decode_readme(stats)
     (OUT_DIR / "README.md").write_text("\n".join(lines) + "\n")
+
+
+DECODE_README = """
+## decode.json: diffusion and linear self-speculation (greedy)
+
+Made by `tests/reference/torch_decoding.py` (spec/decoding.md sections 1-3, temperature 0,
+batch 1) with the float32 transformers model as the network, WITHOUT a KV cache: each forward
+recomputes [committed prefix + block] under a custom additive [1, 1, T, T] float mask (0 /
+float32 min, passed as `attention_mask`: transformers returns a 4D mask unchanged and eager
+attention adds it to the scores). Prefix rows are causal; block rows see the prefix and the
+block, bidirectionally or causally. Checked: the causal mask reproduces the plain forward (max
+|diff| 0); a bidirectional block matches SDPA attention given the same pattern as a boolean
+mask (< 1e-5). The LoRA draft model has o_proj W + (alpha/r) B A merged in float32 (the bf16
+adapter upcast): the same linear map as the unmerged adapter, equal to it up to float32
+rounding (checked < 1e-5 against forward hooks adding s B (A x) to the base model). The LoRA
+draft pass alone reads a KV cache: the prefix goes through the base model (the cache a real
+decoder reads was written by LoRA-off verify passes) and only the block through the LoRA copy
+(checked: with the base as draft this path equals the recompute exactly).
+
+`{"mask_token_id": 100, "runs": [...]}`, one run per line. Run fields: `mode` (`diffusion` |
+`self_spec`), `prompt_index` and `prompt` (= `ar_prompt_{i}` of golden.npz), `block_size`,
+`threshold` (float; null = even schedule), `steps_per_block` (S of the schedule; null with a
+threshold, the step cap then being the block size), `lora` (self_spec: adapter on in the draft
+pass; the verify pass never uses it), `max_new_tokens` (24), `eos_token_id`, `tokens` (every
+emitted token, the prefill seed first, truncated after the first EOS; self_spec also to
+`max_new_tokens`, diffusion not: it runs whole blocks), `num_forwards` (prefill not counted;
+diffusion: denoise steps + 1 commit per block run; self_spec: 2 per cycle), then
+`steps_per_block_used` (diffusion: the denoise forwards of each block run) or `accepted`
+(self_spec: the accepted draft count c of each cycle), and `eos_case` (informational). Every
+setting runs twice: `absent`, with `eos_token_id` the smallest id missing from its output (so
+nothing stops early), and `output_9`, with the id the `absent` run emitted at index 9
+(generation stops at its first occurrence, which may come earlier).
+
+Settings per case and prompt: diffusion (B, threshold, S) = (4, 0.9, -), (8, 0.9, -),
+(4, none, 4), (8, none, 4), (8, LOW, -); self_spec B = 4 and 8 with lora false, and with lora
+true where the case has an adapter. LOW is per case (below): the softmax over 128 ids is nearly
+flat (top-1 p about 0.010 - 0.013), so 0.9 only ever commits the forced top-1, while LOW
+commits several tokens a step.
+
+Conventions made explicit: a block whose seed (the previous commit's prediction) is EOS is not
+run: the seed is emitted and generation stops; the seed after the last block is not emitted;
+masks are tracked by POSITION (x[0], the seed, is never a mask; a committed token equal to the
+mask id stays committed); the threshold test is in float32 (`p >= float32(threshold)`); ties
+go to the lowest position. Asserted for every self_spec run (LoRA or not): output == greedy AR
+(`ar_tokens_{i}` cut to 24 tokens and after the first EOS).
+
+Margins over every decision of the recorded runs (float32; run the JAX side at full float32
+matmul precision): argmax = smallest top-1 minus top-2 logit gap at every argmax used;
+threshold = smallest |p - threshold| of a masked position; top-k = smallest confidence gap
+between the k-th chosen and the first unchosen position of a schedule step.
+"""
+
+DECODE_README_TAIL = """
+The random models' drafts almost never match the AR token, so self_spec accepts 0 (rarely 1)
+drafts a cycle: these goldens pin the cycle, rollback and bonus-token logic, not long
+acceptances.
+"""
+
+
+def decode_readme(stats: list[dict]) -> list[str]:
+    """The decode.json part of the README."""
+    lines = DECODE_README.rstrip("\n").split("\n")
+    for s in stats:
+        m = s["decode_margins"]
+        lines.append(
+            f"- `{s['name']}`: {s['decode_runs']} runs, LOW = {s['low_threshold']}; "
+            f"argmax {m.argmax_gap:.2e}, threshold {m.threshold_gap:.2e}, top-k {m.topk_gap:.2e}"
+        )
+    lines += ["", "Steps per block / accepted counts of the `absent`-EOS runs (all prompts):"]
+    for s in stats:
+        for kind, summ in s["decode_summary"].items():
+            counts = summ["counts"]
+            hist = ", ".join(f"{v}: {counts.count(v)}" for v in sorted(set(counts)))
+            lines.append(
+                f"- `{s['name']}` {kind}: {summ['key']} {{{hist}}}, "
+                f"tokens per forward {summ['tokens_per_forward']:.2f}"
+            )
+    lines += DECODE_README_TAIL.rstrip("\n").split("\n")
+    mask_runs = [(s["name"], d) for s in stats for d in s["mask_id_runs"]]
+    if mask_runs:
+        lines += [
+            "",
+            f"Runs that emit the mask id {MASK_ID} (the model predicts it) and would change if",
+            "masks were tracked by value (`x == mask_id`) instead of by position:",
+        ]
+        lines += [f"- `{name}` {desc}" for name, desc in mask_runs]
+    return lines
 
 
 def main() -> None:

@@ -1,43 +1,52 @@
-"""Generate with an NLD checkpoint: `python examples/generate.py [--model DIR] [--mode ar]`.
+"""Generate with an NLD checkpoint in every decoding mode.
 
-Without --model it runs the small checkpoint bundled with the tests, on CPU, and prints the
-prompt and generated token ids with the forward count and wall time.
+    python examples/generate.py                       # the bundled tiny model, all three modes
+    python examples/generate.py --model DIR --prompt "..." --mode self_spec
+
+For each mode it prints the decoded text, the tokens per forward and the wall time (the first
+call compiles the program; the time shown is a second, compiled call).
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import time
 
 import nld_jax
+from nld_jax import tiny
 from nld_jax.generate import MODES
-
-BUNDLED = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / \
-    "gqa4_theta1e6"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(BUNDLED), help="checkpoint directory")
-    parser.add_argument("--mode", default="ar", choices=MODES)
-    parser.add_argument("--prompt", default="1,17,42,5,99", help="comma-separated token ids")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--model", default=str(tiny.TINY_MODEL_DIR), help="checkpoint directory")
+    parser.add_argument("--prompt", default="<s> sort 3 9 1 4 7 2 8 =")
+    parser.add_argument("--mode", default="all", choices=("all",) + MODES)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
 
     model = nld_jax.load_model(args.model, dtype=args.dtype)
-    prompt = [int(t) for t in args.prompt.split(",")]
-    start = time.perf_counter()
-    out = nld_jax.generate(model, [prompt], mode=args.mode, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature)
-    seconds = time.perf_counter() - start
-    print(f"model:   {args.model}")
-    print(f"prompt:  {prompt}")
-    print(f"{args.mode}: {out.tokens[0]}")
-    print(f"{len(out.tokens[0])} tokens, {out.num_forwards} forwards after the prefill, "
-          f"{seconds:.2f} s (compile included)")
+    tokenizer = nld_jax.load_tokenizer(args.model)
+    prompt = tokenizer.encode(args.prompt)
+    print(f"model  {args.model} ({model.config.num_parameters / 1e6:.1f}M parameters)")
+    print(f"prompt {args.prompt!r}")
+    modes = ("ar", "diffusion", "self_spec") if args.mode == "all" else (args.mode,)
+    for mode in modes:
+        kwargs = dict(mode=mode, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, block_size=args.block_size)
+        start = time.perf_counter()
+        nld_jax.generate(model, [prompt], **kwargs)
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = nld_jax.generate(model, [prompt], **kwargs)
+        seconds = time.perf_counter() - start
+        print(f"{mode:10s} {tokenizer.decode(out.tokens[0])!r}")
+        print(f"{'':10s} {len(out.tokens[0])} tokens in {out.num_forwards} forwards "
+              f"({out.stats['tokens_per_forward']:.2f} tokens/forward), {seconds * 1e3:.0f} ms "
+              f"(first call with compile {compile_s:.1f} s)")
 
 
 if __name__ == "__main__":

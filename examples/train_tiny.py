@@ -66,9 +66,9 @@ def evaluate(model: NLDModel, count: int, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(tiny.TINY_MODEL_DIR))
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--lora-steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = pathlib.Path(args.out)

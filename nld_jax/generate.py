@@ -129,7 +129,12 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
                                              settings))
         extra = dict(accepted_histogram=final.accepted_histogram)
     return dict(tokens=final.tokens, num_tokens=final.num_tokens,
-                num_forwards=final.num_forwards, **extra)
+                num_forwards=final.num_forwards, row_forwards=final.row_forwards, **extra)
+
+
+def _pad_ids(ids: tuple[int, ...], multiple: int = 8) -> list[int]:
+    """EOS sets padded (with their first id) to a multiple of 8, so their size rarely recompiles."""
+    return list(ids) + [ids[0]] * (-len(ids) % multiple)
 
 
 def _truncate_after_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
@@ -237,15 +242,19 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
     result = _program(graphdef, state, jnp.asarray(padded), jnp.asarray(lengths),
                       jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
                       jnp.float32(top_p), jnp.float32(1.0 if threshold is None else threshold),
-                      jnp.int32(steps), jnp.asarray(eos_ids, jnp.int32), static=static)
+                      jnp.int32(steps), jnp.asarray(_pad_ids(eos_ids), jnp.int32), static=static)
     result = jax.device_get(result)
     counts = result["num_tokens"]
     out_tokens = [_truncate_after_eos(result["tokens"][b, :counts[b]].tolist(),
                                       eos_ids) for b in range(len(rows))]
     num_forwards = int(result["num_forwards"])
     total = sum(len(t) for t in out_tokens)
+    row_forwards = int(result["row_forwards"].sum())
+    # Per row, as at batch size 1: tokens over the forwards each row took part in (the prefill's
+    # token included, the prefill not counted).
     stats: dict[str, Any] = {"num_forwards": num_forwards, "num_tokens": total,
-                             "tokens_per_forward": total / max(num_forwards, 1)}
+                             "row_forwards": row_forwards,
+                             "tokens_per_forward": total / max(row_forwards, 1)}
     if mode == "diffusion":
         blocks = int(result["num_blocks"].sum())
         stats["num_blocks"] = blocks

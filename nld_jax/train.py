@@ -154,7 +154,7 @@ class Trainer:
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, metrics
 
     def step(self, tokens: jax.Array, loss_mask: jax.Array, rng: jax.Array

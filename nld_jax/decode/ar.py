@@ -27,6 +27,7 @@ class State:
     finished: jax.Array  # bool [B]: EOS emitted or budget reached
     rng: jax.Array  # PRNG key
     num_forwards: jax.Array  # int32 []: forwards after the prefill
+    row_forwards: jax.Array  # int32 [B]: forwards each row took part in while unfinished
 
 
 def init(cache: KVCache, seed: jax.Array, out_len: int, budget: Budget, rng: jax.Array) -> State:
@@ -36,7 +37,8 @@ def init(cache: KVCache, seed: jax.Array, out_len: int, budget: Budget, rng: jax
     num_tokens = jnp.ones((b,), jnp.int32)
     finished = is_eos(seed, budget.eos_ids) | (num_tokens >= budget.max_new_tokens)
     return State(cache=cache, tokens=tokens, num_tokens=num_tokens, last=seed, finished=finished,
-                 rng=rng, num_forwards=jnp.zeros((), jnp.int32))
+                 rng=rng, num_forwards=jnp.zeros((), jnp.int32),
+                 row_forwards=jnp.zeros((b,), jnp.int32))
 
 
 def step(model: NLDModel, sampler: Sampler, budget: Budget, state: State) -> State:
@@ -52,7 +54,8 @@ def step(model: NLDModel, sampler: Sampler, budget: Budget, state: State) -> Sta
         num_tokens >= budget.max_new_tokens)
     return State(cache=cache, tokens=tokens, num_tokens=num_tokens,
                  last=jnp.where(state.finished, state.last, token), finished=finished, rng=rng,
-                 num_forwards=state.num_forwards + 1)
+                 num_forwards=state.num_forwards + 1,
+                 row_forwards=state.row_forwards + (~state.finished).astype(jnp.int32))
 
 
 def done(state: State) -> jax.Array:

@@ -48,6 +48,7 @@ class State:
     denoise_steps: jax.Array  # int32 [B]: denoise forwards that changed each row
     rng: jax.Array
     num_forwards: jax.Array  # int32 []: forwards after the prefill (whole batch)
+    row_forwards: jax.Array  # int32 [B]: forwards each row took part in while unfinished
 
 
 def init(cache: KVCache, seed: jax.Array, out_len: int, budget: Budget, rng: jax.Array) -> State:
@@ -56,7 +57,8 @@ def init(cache: KVCache, seed: jax.Array, out_len: int, budget: Budget, rng: jax
     zeros = jnp.zeros((b,), jnp.int32)
     return State(cache=cache, tokens=jnp.zeros((b, out_len), jnp.int32), num_tokens=zeros,
                  seed=seed, finished=jnp.zeros((b,), bool), num_blocks=zeros,
-                 denoise_steps=zeros, rng=rng, num_forwards=jnp.zeros((), jnp.int32))
+                 denoise_steps=zeros, rng=rng, num_forwards=jnp.zeros((), jnp.int32),
+                 row_forwards=zeros)
 
 
 def _eos_settled(x: jax.Array, masked: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -139,7 +141,8 @@ def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
     state = State(cache=cache, tokens=tokens, num_tokens=num_tokens,
                   seed=jnp.where(active, seed, state.seed), finished=finished,
                   num_blocks=num_blocks, denoise_steps=state.denoise_steps + steps, rng=rng,
-                  num_forwards=state.num_forwards + forwards + 1)
+                  num_forwards=state.num_forwards + forwards + 1,
+                  row_forwards=state.row_forwards + jnp.where(active, steps + 1, 0))
     return _stop_on_eos_seed(state, budget, settings)
 
 

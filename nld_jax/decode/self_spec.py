@@ -51,6 +51,7 @@ class State:
     accepted_histogram: jax.Array  # int32 [block_size]: cycles (over rows) that accepted c drafts
     rng: jax.Array
     num_forwards: jax.Array  # int32 []: forwards after the prefill (whole batch)
+    row_forwards: jax.Array  # int32 [B]: forwards each row took part in while unfinished
 
 
 def init(cache: KVCache, seed: jax.Array, out_len: int, budget: Budget, rng: jax.Array,
@@ -62,7 +63,7 @@ def init(cache: KVCache, seed: jax.Array, out_len: int, budget: Budget, rng: jax
     return State(cache=cache, tokens=jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(seed),
                  num_tokens=num_tokens, seed=seed, finished=finished,
                  accepted_histogram=jnp.zeros((settings.block_size,), jnp.int32), rng=rng,
-                 num_forwards=jnp.zeros((), jnp.int32))
+                 num_forwards=jnp.zeros((), jnp.int32), row_forwards=jnp.zeros((b,), jnp.int32))
 
 
 def _gather(values: jax.Array, index: jax.Array) -> jax.Array:
@@ -132,7 +133,8 @@ def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
     return State(cache=cache.advance(jnp.where(active, accepted + 1, 0)), tokens=tokens,
                  num_tokens=num_tokens, seed=jnp.where(active, bonus, state.seed),
                  finished=finished, accepted_histogram=histogram, rng=rng,
-                 num_forwards=state.num_forwards + 2)
+                 num_forwards=state.num_forwards + 2,
+                 row_forwards=state.row_forwards + 2 * active.astype(jnp.int32))
 
 
 def done(state: State) -> jax.Array:

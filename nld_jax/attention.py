@@ -1,9 +1,15 @@
 """attend(): attention of a block of queries against a cached prefix plus the block itself.
 
-Every decoding mode goes through this one function, so a Pallas kernel can replace the XLA path
-without touching the network. The prefix is the KV cache with a per-row valid length; the block's
-own keys are passed separately, with the in-block pattern (causal or bidirectional) chosen by a
-traced flag so that one compiled program serves both.
+Every decoding mode goes through this one function. The prefix is the KV cache with a per-row
+valid length; the block's own keys are passed separately, with the in-block pattern (causal or
+bidirectional) chosen by a traced flag so that one compiled program serves both.
+
+Implementations (`NLDModel.attention_impl`, set by `load_model(..., attention_impl=...)`):
+- "xla": plain jnp, every backend, every dtype.
+- "pallas": the Mosaic-GPU kernel `pallas_kernels.block_attention` (Hopper, bf16, head_dim a
+  multiple of 64, with a KV cache); anything else raises NotImplementedError naming the reason.
+- "auto" (default): "pallas" where it applies (a Hopper GPU, bf16, a cache, no explicit
+  training mask), "xla" otherwise.
 """
 
 from __future__ import annotations
@@ -11,13 +17,51 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["attend", "IMPLEMENTATIONS"]
+__all__ = ["attend", "IMPLEMENTATIONS", "resolve_impl", "on_hopper"]
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 # A finite "minus infinity": a fully masked score row never occurs (every query sees at least
 # itself), and finite values keep exp() free of NaN if one ever did.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def on_hopper() -> bool:
+    """The default device is an NVIDIA GPU of compute capability 9.x (H100, H200)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
+        "9")
+
+
+def _pallas_unsupported(q: jax.Array, k_prefix: jax.Array | None,
+                        block_mask: jax.Array | None) -> str | None:
+    """Why the kernel cannot run this call (None if it can)."""
+    if q.dtype != jnp.bfloat16:
+        return f"the kernel takes bfloat16, got {q.dtype}"
+    if q.shape[-1] % 64:
+        return f"head_dim={q.shape[-1]} is not a multiple of 64"
+    if k_prefix is None:
+        return "there is no KV cache (a full-sequence forward)"
+    if k_prefix.shape[1] % 64:
+        return f"cache slots S={k_prefix.shape[1]} are not a multiple of 64"
+    if block_mask is not None:
+        return "an explicit block mask (the training objective) is not a kernel pattern"
+    return None
+
+
+def resolve_impl(requested: str, q: jax.Array, k_prefix: jax.Array | None,
+                 block_mask: jax.Array | None) -> str:
+    """The implementation a call runs: the requested one, or auto's documented choice."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={requested!r}; expected one of {IMPLEMENTATIONS}")
+    reason = _pallas_unsupported(q, k_prefix, block_mask)
+    if requested == "pallas":
+        if reason is not None:
+            raise NotImplementedError(f"attention impl='pallas' cannot run: {reason}")
+        return "pallas"
+    if requested == "auto":
+        return "pallas" if reason is None and on_hopper() else "xla"
+    return "xla"
 
 
 def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *,
@@ -34,12 +78,14 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *,
       causal: bool scalar (may be traced): in-block causal if True, else bidirectional.
       block_mask: bool [T, T] or [B, T, T] (query, key): an explicit in-block pattern that
         replaces `causal` (the training objective's two-stream mask).
-      impl: "xla" (plain jnp).
+      impl: "auto", "xla" or "pallas" (see the module docstring).
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    if impl != "xla":
-        raise ValueError(f"attention {impl=} is not available; expected one of {IMPLEMENTATIONS}")
+    if resolve_impl(impl, q, k_prefix, block_mask) == "pallas":
+        from pallas_kernels.block_attention import block_attention
+
+        return block_attention(q, k_prefix, v_prefix, prefix_lengths, k_block, v_block, causal)
     b, t, n, h = q.shape
     kv_heads = k_block.shape[2]
     if n % kv_heads:

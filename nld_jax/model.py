@@ -172,7 +172,7 @@ class NLDModel(nnx.Module):
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.head_dv = nnx.Param(_normal(rngs, (config.hidden_size, config.vocab_size), dtype))
-        self.attention_impl = "xla"
+        self.attention_impl = "auto"  # see nld_jax.attention
 
     @property
     def has_lora(self) -> bool:

@@ -1,0 +1,292 @@
+"""block_attention: a block of T queries against the KV cache plus the block's own K/V (Mosaic GPU).
+
+One kernel serves every decoding forward: T = 1 (AR decode), T = block size (denoise, draft,
+verify, commit) and larger T (prefill). Design, for Hopper (sm_90a):
+
+- GQA folding: the G query heads of one KV head and the T tokens are the rows of one matrix
+  (row r = t * G + g), so 4 heads x 32 tokens fill a 128-row wgmma tile and each K/V tile is
+  read once per KV head instead of once per query head.
+- The prefix is the cache [B, S, K, H] with a per-row valid length; only its first
+  cdiv(length, block_kv) tiles are read (rows past the valid length are never read, only the
+  tail of the last tile is masked). The block's own K/V come last, with the in-block pattern
+  (causal or bidirectional) chosen at run time by a flag in the metadata array, so one compiled
+  kernel serves both.
+- Flash-decoding: the prefix tiles are split across `num_splits` thread blocks; each writes an
+  unnormalised partial output with its running max and sum, and a small XLA combine merges them.
+- bf16 inputs, f32 accumulation (wgmma), online softmax in f32.
+
+Every K/V tile is double-buffered: the TMA copy of tile i+1 is issued before tile i is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["TuningConfig", "block_attention", "default_config", "SMEM_LIMIT_BYTES"]
+
+SMEM_LIMIT_BYTES = 227 * 1024  # H100: 232,448 bytes of shared memory per thread block
+_META_ALIGN = 32  # metadata copies are padded to 128 bytes (TMA dislikes tiny copies)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Tile sizes of the kernel; validated on construction."""
+
+    block_q: int = 128  # rows (T*G folded) per thread block: 64 or 128 (one wgmma M tile)
+    block_kv: int = 64  # keys per tile
+    num_splits: int = 1  # prefix splits across thread blocks (flash-decoding)
+
+    def __post_init__(self) -> None:
+        if self.block_q not in (64, 128):
+            raise ValueError(f"{self.block_q=} must be 64 or 128 (a wgmma M tile)")
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"{self.block_kv=} must be a multiple of 64 in [64, 256]")
+        if self.num_splits < 1:
+            raise ValueError(f"{self.num_splits=} must be >= 1")
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Shared memory the kernel allocates at this head_dim (bf16 tiles, f32 output)."""
+        q = self.block_q * head_dim * 2
+        kv = 2 * 2 * self.block_kv * head_dim * 2  # K and V, two slots each
+        p = self.block_q * self.block_kv * 2
+        out = self.block_q * head_dim * 4 + 2 * self.block_q * 4
+        return q + kv + p + out + _META_ALIGN * 4
+
+
+def default_config(rows: int, slots: int) -> TuningConfig:
+    """Tiles for `rows` folded query rows (T*G) against a cache of `slots`.
+
+    One 64-row tile when the rows fit (AR decode: G rows), else 128; long caches split across
+    up to 16 thread blocks per (row, KV head) so a batch-1 decode still fills the SMs.
+    """
+    return TuningConfig(block_q=64 if rows <= 64 else 128, block_kv=64,
+                        num_splits=max(1, min(16, slots // 1024)))
+
+
+def _check(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+           k_block: jax.Array, v_block: jax.Array, config: TuningConfig) -> None:
+    b, t, n, h = q.shape
+    if q.dtype != jnp.bfloat16 or k_cache.dtype != jnp.bfloat16 or k_block.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"block_attention takes bfloat16 q/k/v, got {q.dtype=}, "
+                                  f"{k_cache.dtype=}, {k_block.dtype=}")
+    if h % 64:
+        raise NotImplementedError(f"{h=} (head_dim) must be a multiple of 64 (128-byte swizzle)")
+    if k_cache.ndim != 4 or k_cache.shape[0] != b or k_cache.shape[3] != h:
+        raise ValueError(f"k_cache {k_cache.shape} must be [B={b}, S, K, H={h}]")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{v_cache.shape=} must equal {k_cache.shape=}")
+    kv = k_cache.shape[2]
+    if n % kv:
+        raise ValueError(f"query heads {n=} must be a multiple of KV heads {kv=}")
+    if k_block.shape != (b, t, kv, h) or v_block.shape != k_block.shape:
+        raise ValueError(f"k_block {k_block.shape} / v_block {v_block.shape} must be "
+                         f"[B={b}, T={t}, K={kv}, H={h}]")
+    if k_cache.shape[1] % config.block_kv:
+        raise ValueError(f"cache slots S={k_cache.shape[1]} must be a multiple of "
+                         f"{config.block_kv=}")
+    if lengths.shape != (b,):
+        raise ValueError(f"{lengths.shape=} must be ({b},)")
+    if (need := config.smem_bytes(h)) > SMEM_LIMIT_BYTES:
+        raise ValueError(f"{config} needs {need} bytes of shared memory at head_dim {h}, more "
+                         f"than {SMEM_LIMIT_BYTES}")
+
+
+def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                    k_block: jax.Array, v_block: jax.Array, causal: jax.Array | bool,
+                    config: TuningConfig | None = None,
+                    interpret: plgpu.InterpretGPUParams | None = None) -> jax.Array:
+    """Attention of a block against [cache[:lengths] ++ block] on Hopper.
+
+    Args:
+      q: bf16 [B, T, N, H] queries (rotated; the softmax scale H**-0.5 is applied here).
+      k_cache, v_cache: bf16 [B, S, K, H]; S a multiple of config.block_kv.
+      lengths: int32 [B] valid cache length per row.
+      k_block, v_block: bf16 [B, T, K, H] the block's own keys and values.
+      causal: bool (may be traced): in-block causal if True, else bidirectional.
+      config: tile sizes (default TuningConfig()).
+      interpret: Mosaic-GPU interpreter parameters to run on CPU (tests), None on the GPU.
+    Returns:
+      bf16 [B, T, N, H].
+    """
+    config = config or default_config(q.shape[1] * (q.shape[2] // k_cache.shape[2]),
+                                      k_cache.shape[1])
+    _check(q, k_cache, v_cache, lengths, k_block, v_block, config)
+    b, t, n, h = q.shape
+    kv = k_cache.shape[2]
+    g = n // kv
+    rows = t * g
+    m_pad = -(-rows // config.block_q) * config.block_q
+    t_pad = -(-t // config.block_kv) * config.block_kv
+    # Fold: row r = t * G + g of KV head k; the softmax scale goes into q once.
+    q_rows = (q * jnp.asarray(h ** -0.5, q.dtype)).reshape(b, t, kv, g, h)
+    q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(b, kv, rows, h)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, m_pad - rows), (0, 0)))
+    pad_block = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
+    k_blk, v_blk = jnp.pad(k_block, pad_block), jnp.pad(v_block, pad_block)
+    meta_len = -(-(b + 1) // _META_ALIGN) * _META_ALIGN
+    meta = jnp.zeros((meta_len,), jnp.int32).at[:b].set(lengths.astype(jnp.int32))
+    meta = meta.at[b].set(jnp.asarray(causal).astype(jnp.int32))
+    out, row_max, row_sum = _kernel_call(q_rows, k_cache, v_cache, k_blk, v_blk, meta,
+                                         config=config, tokens=t, groups=g,
+                                         interpret=interpret)
+    # Combine the splits: each holds sum_j exp(s_j - m) v_j and sum_j exp(s_j - m).
+    top = jnp.max(row_max, axis=2, keepdims=True)
+    weight = jnp.where(jnp.isneginf(row_max), 0.0, jnp.exp(row_max - top))
+    numerator = jnp.sum(out * weight[..., None], axis=2)
+    denominator = jnp.sum(row_sum * weight, axis=2)
+    merged = numerator / denominator[..., None]  # [B, K, M_pad, H]
+    merged = merged[:, :, :rows].reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4)
+    return merged.reshape(b, t, n, h).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tokens", "groups", "interpret"))
+def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_blk: jax.Array,
+                 v_blk: jax.Array, meta: jax.Array, *, config: TuningConfig, tokens: int,
+                 groups: int, interpret: plgpu.InterpretGPUParams | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, kv, m_pad, h = q_rows.shape
+    t_pad = k_blk.shape[1]
+    bq, bkv, splits = config.block_q, config.block_kv, config.num_splits
+    block_tiles = t_pad // bkv
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def body(q_ref, kc_ref, vc_ref, kb_ref, vb_ref, meta_ref, o_ref, m_ref, l_ref):
+        def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem, meta_smem, in_bars,
+                   k_bars, v_bars):
+            batch, head = lax.axis_index("b"), lax.axis_index("kv")
+            q_tile, split = lax.axis_index("qt"), lax.axis_index("split")
+            q_bar, meta_bar = in_bars.at[0], in_bars.at[1]
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(q_tile * bq, bq)], q_smem, q_bar)
+            plgpu.copy_gmem_to_smem(meta_ref, meta_smem, meta_bar)
+            plgpu.barrier_wait(meta_bar)
+            length = meta_smem[batch]
+            causal = meta_smem[b] != 0
+            # This split's prefix tiles, then (last split only) the block's own tiles.
+            prefix_tiles = pl.cdiv(length, bkv)
+            per_split = pl.cdiv(prefix_tiles, splits)
+            first = jnp.minimum(split * per_split, prefix_tiles)
+            last = jnp.minimum(first + per_split, prefix_tiles)
+            row_t = (q_tile * bq + (bq - 1)) // groups  # the largest token index in this tile
+            own_tiles = jnp.where(causal, jnp.minimum(row_t // bkv + 1, block_tiles),
+                                  block_tiles)
+            own_tiles = jnp.where(split == splits - 1, own_tiles, 0)
+            steps = (last - first) + own_tiles
+
+            def tile_source(step):
+                in_prefix = step < last - first
+                return in_prefix, jnp.where(in_prefix, first + step, step - (last - first))
+
+            def fetch(step, slot):
+                in_prefix, tile = tile_source(step)
+                rows = pl.ds(tile * bkv, bkv)
+
+                @pl.when(in_prefix)
+                def _():
+                    plgpu.copy_gmem_to_smem(kc_ref.at[batch, rows, head], k_smem.at[slot],
+                                            k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(vc_ref.at[batch, rows, head], v_smem.at[slot],
+                                            v_bars.at[slot])
+
+                @pl.when(~in_prefix)
+                def _():
+                    plgpu.copy_gmem_to_smem(kb_ref.at[batch, rows, head], k_smem.at[slot],
+                                            k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(vb_ref.at[batch, rows, head], v_smem.at[slot],
+                                            v_bars.at[slot])
+
+            @pl.when(steps > 0)
+            def _():
+                fetch(0, 0)
+
+            plgpu.barrier_wait(q_bar)
+            layout = plgpu.Layout.WGMMA
+            row_ids = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=layout)
+            col_ids = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=layout)
+            query_t = (row_ids + q_tile * bq) // groups
+
+            def step_fn(step, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, 2)
+
+                @pl.when(step + 1 < steps)
+                def _():
+                    fetch(step + 1, 1 - slot)
+
+                plgpu.barrier_wait(k_bars.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                scores = pl.run_scoped(qk, plgpu.ACC((bq, bkv), f32))
+                in_prefix, tile = tile_source(step)
+                key = col_ids + tile * bkv
+                # Scalar bounds only (Mosaic's warpgroup lowering has no scalar-predicate select
+                # over arrays): prefix keys < length; own keys < T and, if causal, <= the query.
+                key_limit = jnp.where(in_prefix, length, tokens)
+                unbounded = jnp.where(in_prefix | ~causal, jnp.int32(1 << 30), jnp.int32(0))
+                visible = (key < key_limit) & (key <= query_t + unbounded)
+                scores = jnp.where(visible, scores, -jnp.inf)
+                m_new = jnp.maximum(m_i, scores.max(axis=1))
+                alpha = jnp.exp(m_i - m_new)
+                probs = jnp.exp(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+                l_i = l_i * alpha + probs.sum(axis=1)
+                p_smem[...] = probs.astype(bf16)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(v_bars.at[slot])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                    return acc_ref[...]
+
+                update = pl.run_scoped(pv, plgpu.ACC((bq, h), f32))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + update
+                return acc, m_new, l_i
+
+            acc = plgpu.layout_cast(jnp.zeros((bq, h), f32), layout)
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), layout.reduce(1))
+            l_i = plgpu.layout_cast(jnp.zeros((bq,), f32), layout.reduce(1))
+            acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, (acc, m_i, l_i))
+            o_smem[...] = acc
+            m_smem[...] = m_i
+            l_smem[...] = l_i
+            plgpu.commit_smem()
+            rows_out = pl.ds(q_tile * bq, bq)
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, head, split, rows_out])
+            plgpu.copy_smem_to_gmem(m_smem, m_ref.at[batch, head, split, rows_out])
+            plgpu.copy_smem_to_gmem(l_smem, l_ref.at[batch, head, split, rows_out])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            plgpu.SMEM((bq, h), bf16, transforms=swizzled),
+            plgpu.SMEM((2, bkv, h), bf16, transforms=swizzled),
+            plgpu.SMEM((2, bkv, h), bf16, transforms=swizzled),
+            plgpu.SMEM((bq, bkv), bf16, transforms=swizzled),
+            plgpu.SMEM((bq, h), f32),
+            plgpu.SMEM((bq,), f32),
+            plgpu.SMEM((bq,), f32),
+            plgpu.SMEM(meta.shape, jnp.int32),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=2),
+        )
+
+    out_types = (jax.ShapeDtypeStruct((b, kv, splits, m_pad, h), f32),
+                 jax.ShapeDtypeStruct((b, kv, splits, m_pad), f32),
+                 jax.ShapeDtypeStruct((b, kv, splits, m_pad), f32))
+    kernel = plgpu.kernel(
+        body, out_type=out_types, grid=(b, kv, m_pad // bq, splits),
+        grid_names=("b", "kv", "qt", "split"),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret)
+    return kernel(q_rows, k_cache, v_cache, k_blk, v_blk, meta)

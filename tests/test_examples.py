@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -18,3 +19,14 @@ def test_generate_example_runs_all_modes():
         text = next(line for line in lines if line.startswith(mode + " "))
         assert "'1 2 3 4 7 8 9'" in text, result.stdout
     assert result.stdout.count("tokens/forward") == 3
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    result = subprocess.run([sys.executable, "examples/benchmark.py", "--prompt", "16", "--new",
+                             "8", "--repeats", "1", "--out", str(tmp_path)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [m["mode"] for m in report["modes"]] == ["ar", "diffusion", "self_spec"]
+    assert report["forward_ms_T1"] > 0 and 0 < report["roofline_fraction_T32"]
+    assert "| self_spec |" in (tmp_path / "benchmark.md").read_text()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nld_jax.attention import attend
+from nld_jax.attention import attend, resolve_impl
 from nld_jax.cache import KVCache, write_block
 from nld_jax.config import NLDConfig
 
@@ -213,6 +213,9 @@ class NLDModel(nnx.Module):
           lora_on: bool (may be traced), or bool [B, T] per token: apply the draft adapter.
           logits_index: int [B]: compute logits only at this block position of each row (a
             prefill needs one position, and [P, V] logits would dwarf the weights).
+          read_cache: static; False attends to the block alone (a prefill into an empty cache).
+          positions: int [B, T] RoPE positions overriding L + (0..T-1) (training).
+          block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal` (training).
         Returns:
           (float32 logits [B, T, V] (or [B, 1, V] with logits_index), the cache with the block
           written or untouched).
@@ -222,6 +225,14 @@ class NLDModel(nnx.Module):
         if positions is None:
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         h = jnp.take(self.embed_vd[...], tokens, axis=0)
+        prefix_lengths = None if cache is None else cache.lengths
+        if cache is not None and not read_cache:
+            # The XLA path attends to the block alone; the kernel needs a cache, so it gets
+            # this one with no valid slot (it then reads no prefix tile at all).
+            probe = jax.ShapeDtypeStruct((b, t, 1, self.config.head_dim), self.dtype)
+            kernel = resolve_impl(self.attention_impl, probe, cache.k[0], block_mask)
+            read_cache = kernel == "pallas"
+            prefix_lengths = jnp.zeros_like(cache.lengths)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
@@ -229,7 +240,7 @@ class NLDModel(nnx.Module):
                     layer.input_norm(h), positions,
                     cache_k=cache.k[i] if cache is not None and read_cache else None,
                     cache_v=cache.v[i] if cache is not None and read_cache else None,
-                    cache_lengths=None if cache is None else cache.lengths,
+                    cache_lengths=prefix_lengths,
                     causal=causal, lora_on=lora_on, attention_impl=self.attention_impl,
                     block_mask=block_mask)
                 x = h + attn_out

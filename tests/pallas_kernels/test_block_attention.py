@@ -97,6 +97,18 @@ class TestInterpret:
         for causal in (True, False):
             np.testing.assert_allclose(results["pallas", causal], results["xla", causal],
                                        atol=0.05, rtol=0.05)
+        # A prefill (read_cache=False) runs the kernel with no valid prefix slot.
+        empty = KVCache.empty(num_layers=1, batch=2, capacity=64, num_kv_heads=2, head_dim=64,
+                              dtype=jnp.bfloat16)
+        prefill = {}
+        for impl in ("xla", "pallas"):
+            model.attention_impl = impl
+            with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+                logits, filled = model.forward_block(tokens, empty, causal=True, write=True,
+                                                     read_cache=False)
+            prefill[impl] = (np.asarray(logits), np.asarray(filled.k[0], np.float32))
+        np.testing.assert_allclose(prefill["pallas"][0], prefill["xla"][0], atol=0.05, rtol=0.05)
+        np.testing.assert_array_equal(prefill["pallas"][1], prefill["xla"][1])
 
     def test_unsupported_inputs_raise(self):
         q, kc, vc, kb, vb = _inputs(0, 1, 4, 4, 1, 64, 128)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,7 +15,7 @@ from flax import nnx
 
 from nld_jax.cache import KVCache
 from nld_jax.decode import ar, diffusion, self_spec
-from nld_jax.decode.common import Budget, Sampler
+from nld_jax.decode.common import Budget, Sampler, Stream, register_stream, unregister_stream
 from nld_jax.decode.prefill import prefill
 from nld_jax.model import NLDModel
 
@@ -36,6 +36,7 @@ class GenerationOutput:
     tokens: list[list[int]]  # new tokens of each prompt, up to and including the first EOS
     num_forwards: int  # network forwards after the prefill, for the whole batch
     stats: dict[str, Any]  # per-mode figures
+    texts: list[str] | None = None  # the tokens decoded, when the model has a tokenizer
 
 
 def _bucket(n: int) -> int:
@@ -43,11 +44,21 @@ def _bucket(n: int) -> int:
     return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
+def _encode_strings(prompts: Any, tokenizer: Any) -> Any:
+    """A list whose items are strings -> token ids, with the model's tokenizer."""
+    strings = isinstance(prompts, str) or (isinstance(prompts, Sequence)
+                                           and any(isinstance(p, str) for p in prompts))
+    if not strings:
+        return prompts
+    if tokenizer is None:
+        raise TypeError("prompts are strings but no tokenizer is attached; pass token ids")
+    if isinstance(prompts, str):
+        raise TypeError("prompts is one str; pass a list of prompts, e.g. [text]")
+    return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+
 def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
     """Validates prompts and returns them as int32 rows."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                    and isinstance(prompts[0], str)):
-        raise TypeError("prompts are strings but no tokenizer is attached; pass token ids")
     if isinstance(prompts, (np.ndarray, jax.Array)):
         array = np.asarray(prompts)
         if array.ndim != 2:
@@ -94,9 +105,13 @@ class _Static:
 def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
              prompt_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array,
              temperature: jax.Array, top_p: jax.Array, threshold: jax.Array,
-             denoise_steps: jax.Array, eos_ids: jax.Array, *,
+             denoise_steps: jax.Array, eos_ids: jax.Array, stream: Stream | None, *,
              static: _Static) -> dict[str, jax.Array]:
-    """Prefill and the whole decode loop of one mode, as one program."""
+    """Prefill and the whole decode loop of one mode, as one program.
+
+    `stream` is None (no host callback in the program) or a Stream: None and a Stream are
+    different pytree structures, so each gets its own compiled program.
+    """
     TRACE_COUNTS[static.mode] += 1
     model: NLDModel = nnx.merge(graphdef, state)
     config = model.config
@@ -110,7 +125,7 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
     seed = sampler(last_logits, prefill_rng)
     if static.mode == "ar":
         final = ar.run(model, sampler, budget, ar.init(cache, seed, static.out_len, budget,
-                                                        loop_rng))
+                                                        loop_rng), stream)
         extra = {}
     elif static.mode == "diffusion":
         settings = diffusion.Settings(
@@ -118,7 +133,8 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
             mask_token_id=config.mask_token_id, block_size=static.block_size,
             use_threshold=static.use_threshold, all_mask_init=static.all_mask_init)
         final = diffusion.run(model, sampler, budget, settings,
-                              diffusion.init(cache, seed, static.out_len, budget, loop_rng))
+                              diffusion.init(cache, seed, static.out_len, budget, loop_rng),
+                              stream)
         extra = dict(num_blocks=final.num_blocks, denoise_steps=final.denoise_steps)
     else:
         settings = self_spec.Settings(mask_token_id=config.mask_token_id,
@@ -126,7 +142,7 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
                                       accept_rule=static.accept_rule)
         final = self_spec.run(model, sampler, budget, settings,
                               self_spec.init(cache, seed, static.out_len, budget, loop_rng,
-                                             settings))
+                                             settings), stream)
         extra = dict(accepted_histogram=final.accepted_histogram)
     return dict(tokens=final.tokens, num_tokens=final.num_tokens,
                 num_forwards=final.num_forwards, row_forwards=final.row_forwards, **extra)
@@ -144,18 +160,54 @@ def _truncate_after_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int
     return tokens
 
 
+class _StreamHandler:
+    """Host side of streaming: turns output buffers into each row's newly committed tokens.
+
+    The program sends the whole buffer when its loop starts and after every step; this keeps
+    how much of each row was passed on, cuts rows after their first EOS (as the final output),
+    and calls the user's callback each time with one list per row (empty lists included). An
+    exception from the callback is kept and raised by generate() once the program has finished
+    (raising inside a host callback would abort the device program with an opaque error).
+    """
+
+    def __init__(self, callback: Callable[[list[list[int]]], None], num_rows: int,
+                 eos_ids: tuple[int, ...]):
+        self.callback = callback
+        self.eos_ids = eos_ids
+        self.sent = [0] * num_rows
+        self.ended = [False] * num_rows
+        self.error: BaseException | None = None
+
+    def __call__(self, tokens: np.ndarray, num_tokens: np.ndarray) -> None:
+        if self.error is not None:
+            return
+        try:
+            new = []
+            for b, count in enumerate(num_tokens.tolist()):
+                chunk = [] if self.ended[b] else tokens[b, self.sent[b]:count].tolist()
+                self.sent[b] = max(self.sent[b], count)
+                kept = _truncate_after_eos(chunk, self.eos_ids)
+                self.ended[b] |= bool(kept) and kept[-1] in self.eos_ids
+                new.append(kept)
+            self.callback(new)
+        except BaseException as e:  # KeyboardInterrupt too: re-raised after the program
+            self.error = e
+
+
 def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: int = 256,
              temperature: float = 0.0, block_size: int | None = None,
              threshold: float | None = 0.9, seed: int = 0, *, top_k: int = 0,
              top_p: float = 1.0, max_cache_len: int | None = None,
              denoise_steps: int | None = None, all_mask_init: bool = False,
              accept_rule: str = "exact",
-             eos_token_ids: Sequence[int] | None = None) -> GenerationOutput:
+             eos_token_ids: Sequence[int] | None = None,
+             stream: Callable[[list[list[int]]], None] | None = None) -> GenerationOutput:
     """Generates continuations of a ragged batch of prompts.
 
     Args:
       model: the network.
-      prompts: a list of token-id lists (ragged) or an int array [B, T].
+      prompts: a list of token-id lists (ragged) or an int array [B, T]; or a list of strings
+        when the model has a tokenizer (`model.tokenizer`, attached by load_model).
       mode: "ar" | "diffusion" | "self_spec" | "self_spec_quadratic".
       max_new_tokens: the budget per prompt.
       temperature: 0 = greedy.
@@ -172,6 +224,11 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
       accept_rule: self_spec at temperature > 0: "exact" speculative sampling (the output is
         distributed as AR sampling) or "match" (NVIDIA's: sample the AR token, accept on match).
       eos_token_ids: tokens that end a row (default: config.eos_token_ids).
+      stream: called as stream(new_tokens) from inside the running program, with one list per
+        row of the tokens committed since the last call (cut after EOS as in the output): once
+        when the decode loop starts (the prefill's token in AR and self_spec), then after every
+        token (AR), block (diffusion) or cycle (self_spec). Streaming compiles its own program,
+        which holds an ordered host callback; without it the program has none.
     Returns:
       GenerationOutput.
     """
@@ -209,7 +266,10 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
                           for t in eos_ids):
         raise ValueError(f"eos_token_ids={eos_ids!r} must be token ids in "
                          f"[0, {config.vocab_size})")
-    rows = _as_rows(prompts, config.vocab_size)
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a callable or None, got {type(stream).__name__}")
+    tokenizer = getattr(model, "tokenizer", None)
+    rows = _as_rows(_encode_strings(prompts, tokenizer), config.vocab_size)
     longest = max(len(r) for r in rows)
     # Diffusion emits whole blocks: the budget is rounded up to a multiple of the block.
     rounded = -(-int(max_new_tokens) // block) * block if mode == "diffusion" else max_new_tokens
@@ -224,10 +284,12 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
     # Block modes write a whole block past the valid length (and diffusion rounds the budget
     # up), so buffers and cache get one extra block of room.
     slack = 0 if mode == "ar" else -(-out_bucket // block) * block - out_bucket + block
-    capacity = prompt_bucket + out_bucket + slack
+    # Slots in whole 64-key tiles, as the attention kernel reads them.
+    capacity = -(-(prompt_bucket + out_bucket + slack) // 64) * 64
     if max_cache_len is not None:
         # The prefill writes the whole padded prompt, and a block may be written past the end.
         capacity = max(max_cache_len + (0 if mode == "ar" else block), prompt_bucket)
+        capacity = -(-capacity // 64) * 64
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row
@@ -239,11 +301,21 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
                      block_size=block if mode != "ar" else 0,
                      use_threshold=threshold is not None, all_mask_init=bool(all_mask_init),
                      accept_rule=accept_rule)
-    result = _program(graphdef, state, jnp.asarray(padded), jnp.asarray(lengths),
-                      jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
-                      jnp.float32(top_p), jnp.float32(1.0 if threshold is None else threshold),
-                      jnp.int32(steps), jnp.asarray(_pad_ids(eos_ids), jnp.int32), static=static)
-    result = jax.device_get(result)
+    handler = None if stream is None else _StreamHandler(stream, len(rows), eos_ids)
+    stream_id = None if handler is None else register_stream(handler)
+    try:
+        result = _program(
+            graphdef, state, jnp.asarray(padded), jnp.asarray(lengths),
+            jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
+            jnp.float32(top_p), jnp.float32(1.0 if threshold is None else threshold),
+            jnp.int32(steps), jnp.asarray(_pad_ids(eos_ids), jnp.int32),
+            None if stream_id is None else Stream(stream_id=jnp.int32(stream_id)), static=static)
+        result = jax.device_get(result)
+    finally:
+        if stream_id is not None:
+            unregister_stream(stream_id)
+    if handler is not None and handler.error is not None:
+        raise handler.error
     counts = result["num_tokens"]
     out_tokens = [_truncate_after_eos(result["tokens"][b, :counts[b]].tolist(),
                                       eos_ids) for b in range(len(rows))]
@@ -266,4 +338,6 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
         stats["cycles"] = cycles
         stats["mean_accepted"] = float((histogram * np.arange(histogram.size)).sum()
                                        / max(cycles, 1))
-    return GenerationOutput(tokens=out_tokens, num_forwards=num_forwards, stats=stats)
+    texts = None if tokenizer is None else [tokenizer.decode(t) for t in out_tokens]
+    return GenerationOutput(tokens=out_tokens, num_forwards=num_forwards, stats=stats,
+                            texts=texts)

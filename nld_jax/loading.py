@@ -1,10 +1,14 @@
-"""load_model(): a released Hugging Face directory -> NLDModel, strictly and all-or-nothing.
+"""load_model(): a released Hugging Face directory (or its Orbax copy) -> NLDModel, strictly.
 
 Everything is checked before any weight is read: the config, the set of tensor names (one table
 maps every released name to a parameter), every shape and dtype. Tensors are then read one at a
 time with the numpy backend of safetensors (no torch), transposed to the Flax layout and cast.
 The model is assembled only after every tensor has been read, so a failure never leaves a
 partially loaded model behind.
+
+An Orbax directory (written by `nld-convert`, recognised by its `nld_orbax.json` marker) holds
+the parameters already in the Flax layout: the checkpoint's metadata is checked against the
+abstract model, then Orbax restores every array straight into place (cast to `dtype`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -23,13 +27,21 @@ from safetensors import SafetensorError, safe_open
 
 from nld_jax.config import ConfigError, NLDConfig
 from nld_jax.model import NLDModel
+from nld_jax.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 
-__all__ = ["load_model", "save_model", "LoadError", "LORA_DIR"]
+__all__ = ["load_model", "save_model", "LoadError", "LORA_DIR", "ORBAX_MARKER", "ORBAX_PARAMS",
+           "ORBAX_FORMAT", "ORBAX_VERSION"]
 
 LORA_DIR = "linear_spec_lora"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"BF16", "F16", "F32"}
+# An Orbax directory: the marker (JSON: format, version, dtype, LoRA rank and scale), config.json,
+# the tokenizer files, and the parameters (nnx.to_pure_dict of the model's state) in params/.
+ORBAX_MARKER = "nld_orbax.json"
+ORBAX_PARAMS = "params"
+ORBAX_FORMAT = "nld_jax.orbax"
+ORBAX_VERSION = 1
 
 
 class LoadError(ValueError):
@@ -162,8 +174,9 @@ def _check_tensors(rules: dict[str, _Rule], files: dict[str, str], where: str) -
 
 
 def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: jnp.dtype,
-          check_finite: bool) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
-    """Yields (parameter path, array) one tensor at a time."""
+          check_finite: bool, on_tensor: Callable[[str, int], None] | None = None
+          ) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
+    """Yields (parameter path, array) one tensor at a time; on_tensor(name, total) after each."""
     for name in sorted(files, key=lambda n: (files[n], n)):
         with _open(files[name]) as handle:
             try:
@@ -174,6 +187,8 @@ def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: j
             raise LoadError(f"{files[name]}: tensor {name!r} contains NaN or Inf")
         rule = rules[name]
         yield rule.path, jnp.asarray(rule.to_flax(raw, _get(shapes, rule.path).shape), dtype=dtype)
+        if on_tensor is not None:
+            on_tensor(name, len(files))
 
 
 def _get(tree: dict, path: tuple[str | int, ...]) -> Any:
@@ -211,20 +226,139 @@ def _read_lora_config(lora_dir: str) -> tuple[int, float]:
     return rank, float(scale)
 
 
+def _lora_source(config: NLDConfig, lora_dir: str
+                 ) -> tuple[tuple[int, float], dict[str, _Rule], dict[str, str]]:
+    """A PEFT adapter directory, checked: ((rank, scale), rules, tensor name -> file)."""
+    rank, scale = _read_lora_config(lora_dir)
+    lora_file = os.path.join(lora_dir, "adapter_model.safetensors")
+    if not os.path.isfile(lora_file):
+        raise LoadError(f"{lora_file}: missing")
+    with _open(lora_file) as handle:
+        lora_files = {name: lora_file for name in handle.keys()}
+    lora_rules = _lora_rules(config, rank)
+    _check_tensors(lora_rules, lora_files, lora_dir)
+    return (rank, scale), lora_rules, lora_files
+
+
+def _abstract(config: NLDConfig, dtype: jnp.dtype, lora: tuple[int, float] | None
+              ) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """The model built with nnx.eval_shape: (graphdef, abstract state, pure dict of structs)."""
+
+    def build() -> NLDModel:
+        model = NLDModel(config, dtype=dtype, rngs=nnx.Rngs(0))
+        if lora is not None:
+            model.attach_lora(*lora, rngs=nnx.Rngs(0))
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    return graphdef, state, nnx.to_pure_dict(state)
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict -> {"layers.0.attn.q_dnh": leaf} (Orbax stores integer keys as strings)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _read_marker(model_dir: str) -> dict[str, Any]:
+    """The Orbax directory's nld_orbax.json, checked."""
+    path = os.path.join(model_dir, ORBAX_MARKER)
+    try:
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise LoadError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(marker, dict) or marker.get("format") != ORBAX_FORMAT:
+        raise LoadError(f"{path}: format is not {ORBAX_FORMAT!r}")
+    if marker.get("version") != ORBAX_VERSION:
+        raise LoadError(f"{path}: version={marker.get('version')!r}; this nld_jax reads "
+                        f"version {ORBAX_VERSION} (re-run nld-convert)")
+    if not isinstance(marker.get("has_lora"), bool):
+        raise LoadError(f"{path}: has_lora must be true or false")
+    if marker["has_lora"]:
+        rank, scale = marker.get("lora_rank"), marker.get("lora_scale")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise LoadError(f"{path}: lora_rank={rank!r} must be a positive integer")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+            raise LoadError(f"{path}: lora_scale={scale!r} must be a positive number")
+    return marker
+
+
+def _restore_orbax(model_dir: str, stored: dict, mesh: jax.sharding.Mesh | None,
+                   check_finite: bool) -> dict:
+    """Restores params/ into the structs of `stored` (cast to their dtype), after checking the
+    checkpoint's metadata names exactly those parameters with those shapes."""
+    import orbax.checkpoint as ocp
+
+    params_dir = os.path.abspath(os.path.join(model_dir, ORBAX_PARAMS))
+    if not os.path.isdir(params_dir):
+        raise LoadError(f"{params_dir}: missing (the Orbax directory holds no parameters)")
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            metadata = checkpointer.metadata(params_dir)
+        except Exception as e:  # Orbax raises many types for unreadable metadata
+            raise LoadError(f"{params_dir}: not a readable Orbax checkpoint ({e})") from None
+        metadata = getattr(metadata, "item_metadata", metadata)
+        found = _dotted(getattr(metadata, "tree", metadata))
+        expected = _dotted(stored)
+        missing = sorted(set(expected) - set(found))
+        if missing:
+            raise LoadError(f"{params_dir}: missing {len(missing)} parameter(s), "
+                            f"e.g. {missing[:5]}")
+        unexpected = sorted(set(found) - set(expected))
+        if unexpected:
+            raise LoadError(f"{params_dir}: unexpected parameter(s) {unexpected[:5]} (config.json "
+                            f"or {ORBAX_MARKER} and the checkpoint disagree?)")
+        for name, struct in expected.items():
+            shape = tuple(getattr(found[name], "shape", ()))
+            if shape != struct.shape:
+                raise LoadError(f"{params_dir}: parameter {name!r} has shape {list(shape)}, "
+                                f"expected {list(struct.shape)} from the config")
+        sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else
+                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        target = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), stored)
+        try:
+            values = checkpointer.restore(params_dir, target)
+        except Exception as e:  # a truncated or corrupt array file
+            raise LoadError(f"{params_dir}: cannot restore the parameters ({e})") from None
+    if check_finite:
+        for name, array in _dotted(values).items():
+            if not bool(jnp.isfinite(array.astype(jnp.float32)).all()):
+                raise LoadError(f"{params_dir}: parameter {name!r} contains NaN or Inf")
+    return values
+
+
+def _attach_tokenizer(model: NLDModel, tokenizer: Tokenizer | None) -> NLDModel:
+    # A static attribute travels in the graphdef through nnx.split/merge and jit (where the
+    # graphdef is a static argument: Tokenizer compares by content, so reloads share programs).
+    if tokenizer is not None:
+        model.tokenizer = nnx.static(tokenizer)
+    return model
+
+
 def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
                lora: bool | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
-               *, check_finite: bool = False) -> NLDModel:
-    """Loads a released checkpoint directory into an NLDModel.
+               *, check_finite: bool = False,
+               on_tensor: Callable[[str, int], None] | None = None) -> NLDModel:
+    """Loads a released checkpoint directory, or its Orbax copy, into an NLDModel.
 
     Args:
-      path: a directory with config.json and model.safetensors (or an index and shards).
+      path: a directory with config.json and model.safetensors (or an index and shards), or an
+        Orbax directory written by nld-convert (it holds nld_orbax.json).
       dtype: "bfloat16" or "float32", for parameters and activations.
-      lora: None: the directory's linear_spec_lora/ if present; False: no adapter; a path: that
-        adapter directory.
+      lora: None: the directory's adapter if present (linear_spec_lora/, or the one stored in
+        the Orbax copy); False: no adapter; a path: that PEFT adapter directory.
       mesh: place every parameter replicated on this mesh (default: the default device).
       check_finite: reject tensors holding NaN or Inf (reads each tensor once more in f32).
+      on_tensor: called as on_tensor(name, total) after each safetensors tensor is read (for
+        progress bars).
     Returns:
-      The model, with `.config`.
+      The model, with `.config`, and `.tokenizer` when the directory has tokenizer.json.
     """
     model_dir = os.fspath(path)
     if not os.path.isdir(model_dir):
@@ -236,46 +370,52 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
     jdtype = jnp.dtype(dtype)
     if jdtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         raise LoadError(f"{dtype=} is not supported; use 'bfloat16' or 'float32'")
-
-    rules = _base_rules(config)
-    files = _tensor_files(model_dir)
-    _check_tensors(rules, files, model_dir)
-
+    if lora is True:
+        raise LoadError("lora=True is ambiguous: pass None (auto), False or a directory")
     lora_dir = None
-    if lora is None and os.path.isdir(os.path.join(model_dir, LORA_DIR)):
-        lora_dir = os.path.join(model_dir, LORA_DIR)
-    elif lora not in (None, False, True):
+    if lora not in (None, False):
         lora_dir = os.fspath(lora)  # type: ignore[arg-type]
         if not os.path.isdir(lora_dir):
             raise LoadError(f"{lora_dir}: LoRA adapter directory does not exist")
-    elif lora is True:
-        raise LoadError("lora=True is ambiguous: pass None (auto), False or a directory")
-    lora_files: dict[str, str] = {}
+    orbax = os.path.isfile(os.path.join(model_dir, ORBAX_MARKER))
+    if lora is None and not orbax and os.path.isdir(os.path.join(model_dir, LORA_DIR)):
+        lora_dir = os.path.join(model_dir, LORA_DIR)
+
+    # Every check (weights, adapter, tokenizer) happens before any array is read.
+    rules: dict[str, _Rule] = {}
+    files: dict[str, str] = {}
+    stored_lora = None  # the adapter inside an Orbax copy: (rank, scale)
+    if orbax:
+        marker = _read_marker(model_dir)
+        stored_lora = (marker["lora_rank"], float(marker["lora_scale"])) \
+            if marker["has_lora"] else None
+    else:
+        rules, files = _base_rules(config), _tensor_files(model_dir)
+        _check_tensors(rules, files, model_dir)
+    lora_spec = None
     if lora_dir is not None:
-        rank, scale = _read_lora_config(lora_dir)
-        lora_file = os.path.join(lora_dir, "adapter_model.safetensors")
-        if not os.path.isfile(lora_file):
-            raise LoadError(f"{lora_file}: missing")
-        with _open(lora_file) as handle:
-            lora_files = {name: lora_file for name in handle.keys()}
-        lora_rules = _lora_rules(config, rank)
-        _check_tensors(lora_rules, lora_files, lora_dir)
-        rules = {**rules, **lora_rules}
-        files = {**files, **lora_files}
+        lora_spec, lora_rules, lora_files = _lora_source(config, lora_dir)
+        rules, files = {**rules, **lora_rules}, {**files, **lora_files}
+    elif orbax and lora is None:
+        lora_spec = stored_lora
+    tokenizer = None
+    if os.path.isfile(os.path.join(model_dir, TOKENIZER_FILE)):
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except TokenizerError as e:
+            raise LoadError(str(e)) from None
 
-    def build() -> NLDModel:
-        model = NLDModel(config, dtype=jdtype, rngs=nnx.Rngs(0))
-        if lora_dir is not None:
-            model.attach_lora(rank, scale, rngs=nnx.Rngs(0))
-        return model
-
-    abstract = nnx.eval_shape(build)
-    graphdef, abstract_state = nnx.split(abstract)
-    values = nnx.to_pure_dict(abstract_state)
-    shapes = jax.tree.map(lambda x: x, values)
-    for param_path, array in _read(rules, files, shapes, jdtype, check_finite):
+    graphdef, abstract_state, values = _abstract(config, jdtype, lora_spec)
+    if orbax:
+        stored = values if lora_spec == stored_lora else _abstract(config, jdtype, stored_lora)[2]
+        restored = {name: array for name, array in
+                    _dotted(_restore_orbax(model_dir, stored, mesh, check_finite)).items()
+                    if lora is None or ".lora." not in name}  # lora=False or a path: not stored
+        values = jax.tree_util.tree_map_with_path(
+            lambda p, leaf: restored.get(_dotted_key(p), leaf), values)
+    for param_path, array in _read(rules, files, values, jdtype, check_finite, on_tensor):
         _set(values, param_path, array)
-    # Every parameter must have come from the file: none may stay abstract.
+    # Every parameter must have come from the files: none may stay abstract.
     leaves = jax.tree_util.tree_leaves_with_path(values)
     still_abstract = [jax.tree_util.keystr(p) for p, leaf in leaves
                       if isinstance(leaf, jax.ShapeDtypeStruct)]
@@ -285,7 +425,12 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         values = jax.device_put(values, replicated)
     nnx.replace_by_pure_dict(abstract_state, values)
-    return nnx.merge(graphdef, abstract_state)
+    return _attach_tokenizer(nnx.merge(graphdef, abstract_state), tokenizer)
+
+
+def _dotted_key(path: tuple) -> str:
+    """A tree_util key path -> the dotted name _dotted() gives the same leaf."""
+    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
 def save_model(model: NLDModel, path: str | os.PathLike, *, dtype: str = "bfloat16") -> None:

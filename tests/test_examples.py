@@ -30,3 +30,21 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert [m["mode"] for m in report["modes"]] == ["ar", "diffusion", "self_spec"]
     assert report["forward_ms_T1"] > 0 and 0 < report["roofline_fraction_T32"]
     assert "| self_spec |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_chat_example_reads_turns_from_a_pipe(tmp_path):
+    import shutil
+
+    from nld_jax import tiny
+
+    model_dir = tmp_path / "tiny_chat"
+    shutil.copytree(tiny.TINY_MODEL_DIR, model_dir)
+    # The tiny model knows no chat markers: this template turns the last turn into its task.
+    (model_dir / "chat_template.jinja").write_text("{{ '<s> ' + messages[-1].content + ' =' }}")
+    result = subprocess.run(
+        [sys.executable, "examples/chat.py", "--model", str(model_dir), "--dtype", "float32",
+         "--max-new-tokens", "16"], input="sort 3 9 1 4\n\nreverse 1 2 3 4\n/exit\nsort 2 1\n",
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1 3 4 9\n4 3 2 1\n"
+    assert result.stderr.count("tokens/forward") == 2

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.cache import KVCache
-from nld_jax.decode.common import Budget, Sampler, emit
+from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos
 
@@ -63,6 +63,14 @@ def done(state: State) -> jax.Array:
     return jnp.all(state.finished)
 
 
-def run(model: NLDModel, sampler: Sampler, budget: Budget, state: State) -> State:
-    """Steps until every row has finished."""
-    return jax.lax.while_loop(lambda s: ~done(s), lambda s: step(model, sampler, budget, s), state)
+def run(model: NLDModel, sampler: Sampler, budget: Budget, state: State,
+        stream: Stream | None = None) -> State:
+    """Steps until every row has finished; with `stream`, sends every token to the host."""
+    notify(stream, state)  # the prefill's token
+
+    def body(state: State) -> State:
+        state = step(model, sampler, budget, state)
+        notify(stream, state)
+        return state
+
+    return jax.lax.while_loop(lambda s: ~done(s), body, state)

@@ -1,15 +1,26 @@
-"""Pieces every decoding mode shares: the sampler settings, the budget, emitting tokens."""
+"""Pieces every decoding mode shares: the sampler settings, the budget, emitting, streaming."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 
 from nld_jax.sampling import filter_logits, sample_tokens
 
-__all__ = ["Sampler", "Budget", "emit"]
+__all__ = ["Sampler", "Budget", "Stream", "emit", "notify", "register_stream",
+           "unregister_stream"]
+
+# Host handlers of streaming generate() calls, by stream id. The compiled program holds only
+# the module-level _deliver, so any handler reuses it; the id is a traced argument.
+_STREAM_HANDLERS: dict[int, Callable[[np.ndarray, np.ndarray], None]] = {}
+_STREAM_IDS = itertools.count()
 
 
 @jax.tree_util.register_dataclass
@@ -57,3 +68,41 @@ def emit(tokens: jax.Array, num_tokens: jax.Array, new: jax.Array,
     index = jnp.where(offsets < counts[:, None], num_tokens[:, None] + offsets, tokens.shape[1])
     rows = jnp.arange(tokens.shape[0])[:, None]
     return tokens.at[rows, index].set(new, mode="drop"), num_tokens + counts
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """Streaming on: after every emit the loop sends its output buffer to a host handler.
+
+    A mode's `run` takes `stream=None` for no streaming; since None is part of the traced
+    structure, a program without streaming holds no callback at all.
+    """
+
+    stream_id: jax.Array  # int32 []: the handler's key (from register_stream)
+
+
+def register_stream(handler: Callable[[np.ndarray, np.ndarray], None]) -> int:
+    """Registers handler(tokens int32 [B, O], num_tokens int32 [B]); returns its stream id."""
+    stream_id = next(_STREAM_IDS) % 2**31
+    _STREAM_HANDLERS[stream_id] = handler
+    return stream_id
+
+
+def unregister_stream(stream_id: int) -> None:
+    """Removes a handler (its program has finished)."""
+    _STREAM_HANDLERS.pop(stream_id, None)
+
+
+def _deliver(stream_id: np.ndarray, tokens: np.ndarray, num_tokens: np.ndarray) -> None:
+    handler = _STREAM_HANDLERS.get(int(stream_id))
+    if handler is not None:
+        handler(np.asarray(tokens), np.asarray(num_tokens))
+
+
+def notify(stream: Stream | None, state: Any) -> None:
+    """Sends state.tokens and state.num_tokens to the host (nothing when stream is None)."""
+    if stream is None:
+        return
+    # ordered: the host sees the buffers in loop order, so counts only grow.
+    io_callback(_deliver, None, stream.stream_id, state.tokens, state.num_tokens, ordered=True)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.cache import KVCache
-from nld_jax.decode.common import Budget, Sampler, emit
+from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos, leading_run
 
@@ -143,7 +143,13 @@ def done(state: State) -> jax.Array:
 
 
 def run(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
-        state: State) -> State:
-    """Cycles until every row has finished."""
-    return jax.lax.while_loop(lambda s: ~done(s),
-                              lambda s: step(model, sampler, budget, settings, s), state)
+        state: State, stream: Stream | None = None) -> State:
+    """Cycles until every row has finished; with `stream`, sends each cycle's tokens to the host."""
+    notify(stream, state)  # the prefill's token
+
+    def body(state: State) -> State:
+        state = step(model, sampler, budget, settings, state)
+        notify(stream, state)
+        return state
+
+    return jax.lax.while_loop(lambda s: ~done(s), body, state)

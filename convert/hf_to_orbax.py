@@ -1,0 +1,155 @@
+"""nld-convert: a released Hugging Face directory -> an Orbax checkpoint that load_model reads.
+
+    nld-convert SRC DST [--dtype bfloat16|float32] [--overwrite] [--no-lora]
+
+The source is read and fully validated by nld_jax.load_model before anything is written. The
+output (parameters in the Flax layout and the chosen dtype, the LoRA adapter if any, config.json,
+the tokenizer files and the nld_orbax.json marker) is written into a temporary sibling of DST
+and renamed into place at the end: a failure or crash never leaves a DST that loads half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Sequence
+
+from nld_jax.cli import OneLineParser, UsageError
+from nld_jax.model import NLDModel
+
+__all__ = ["convert", "main"]
+
+
+def _check_destination(dst: str, overwrite: bool) -> None:
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        raise FileExistsError(f"{dst}: exists and is not a directory; not replacing it")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{parent}: the destination's parent directory does not exist")
+
+
+def _write(model: NLDModel, src: str, tmp: str, dtype: str) -> None:
+    """Everything DST will hold, written into `tmp` (the marker last)."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from nld_jax import loading
+    from nld_jax.tokenizer import TOKENIZER_FILES
+
+    # Uncompressed: weights barely compress (random bf16: 22%), and zstd decompression made
+    # loads slower than the safetensors in examples/load_speed.py (OCDBT, Orbax's default, kept).
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_compression=False)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(os.path.join(tmp, loading.ORBAX_PARAMS),
+                          args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    # The source's own config.json, byte for byte: load_model has validated it.
+    for name in ("config.json",) + TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    marker = {"format": loading.ORBAX_FORMAT, "version": loading.ORBAX_VERSION, "dtype": dtype,
+              "has_lora": model.has_lora,
+              "num_parameters": model.config.num_parameters}
+    if model.has_lora:
+        lora = model.layers[0].attn.lora
+        marker.update(lora_rank=int(lora.a_nhr.shape[-1]), lora_scale=float(lora.scale))
+    with open(os.path.join(tmp, loading.ORBAX_MARKER), "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename publishes the directory
+
+
+def _sibling(dst: str, tag: str) -> str:
+    """A fresh hidden name next to dst (same file system, so renames are atomic)."""
+    return os.path.join(os.path.dirname(dst),
+                        f".{os.path.basename(dst)}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _move_into_place(tmp: str, dst: str) -> None:
+    """Renames tmp to dst; an existing dst is moved aside first and removed after."""
+    if not os.path.lexists(dst):
+        os.replace(tmp, dst)
+        return
+    # rename() cannot replace a non-empty directory: swap through a second sibling.
+    old = _sibling(dst, "old")
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
+            overwrite: bool = False, lora: bool = True, progress: bool = True) -> None:
+    """Converts a released directory to an Orbax directory.
+
+    Args:
+      src: the Hugging Face directory (config.json, safetensors, optional linear_spec_lora/).
+      dst: the Orbax directory to create.
+      dtype: "bfloat16" or "float32", the parameters' dtype in the checkpoint.
+      overwrite: replace an existing dst (only once the new checkpoint is complete).
+      lora: keep the source's LoRA draft adapter (if it has one).
+      progress: show a tqdm progress bar on stderr.
+    """
+    from tqdm import tqdm
+
+    import nld_jax
+
+    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"{dtype=} is not supported; use 'bfloat16' or 'float32'")
+    if os.path.commonpath([os.path.abspath(src), dst]) == dst:  # replacing dst deletes src
+        raise ValueError(f"{dst}: the destination is (or contains) the source {src}")
+    _check_destination(dst, overwrite)
+    with tqdm(desc="read", unit="tensor", disable=not progress, file=sys.stderr) as bar:
+
+        def on_tensor(name: str, total: int) -> None:
+            bar.total = total + 1  # every tensor, then the write
+            bar.update()
+
+        model = nld_jax.load_model(src, dtype=dtype, lora=None if lora else False,
+                                   on_tensor=on_tensor)
+        bar.set_description("write")
+        tmp = _sibling(dst, "tmp")
+        os.mkdir(tmp)
+        try:
+            _write(model, src, tmp, dtype)
+            _check_destination(dst, overwrite)  # nobody created it meanwhile
+            _move_into_place(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        bar.update()
+        bar.set_description("done")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The nld-convert command; returns the exit status (2 on bad input, with a one-line error)."""
+    parser = OneLineParser(prog="nld-convert",
+                           description="Convert a released NLD checkpoint to Orbax.")
+    parser.add_argument("src", help="Hugging Face checkpoint directory")
+    parser.add_argument("dst", help="Orbax directory to create")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--no-lora", action="store_true", help="leave out linear_spec_lora/")
+    try:
+        args = parser.parse_args(argv)
+        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                lora=not args.no_lora)
+    except (UsageError, OSError, ValueError) as e:  # LoadError included
+        message = " ".join(str(e).split())
+        print(f"nld-convert: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.abspath(args.dst)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from nld_jax.decode import ar, diffusion, self_spec
 from nld_jax.decode.common import Budget, Sampler, Stream, register_stream, unregister_stream
 from nld_jax.decode.prefill import prefill
 from nld_jax.model import NLDModel
+from nld_jax.step_kernels import use_step_kernels
 
 __all__ = ["generate", "GenerationOutput", "MODES", "TRACE_COUNTS"]
 
@@ -131,7 +132,9 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
         settings = diffusion.Settings(
             threshold=threshold, denoise_steps=denoise_steps,
             mask_token_id=config.mask_token_id, block_size=static.block_size,
-            use_threshold=static.use_threshold, all_mask_init=static.all_mask_init)
+            use_threshold=static.use_threshold, all_mask_init=static.all_mask_init,
+            step_kernels=use_step_kernels(model.attention_impl, config.vocab_size,
+                                          static.block_size))
         final = diffusion.run(model, sampler, budget, settings,
                               diffusion.init(cache, seed, static.out_len, budget, loop_rng),
                               stream)
@@ -139,7 +142,10 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
     else:
         settings = self_spec.Settings(mask_token_id=config.mask_token_id,
                                       block_size=static.block_size,
-                                      accept_rule=static.accept_rule)
+                                      accept_rule=static.accept_rule,
+                                      step_kernels=use_step_kernels(
+                                          model.attention_impl, config.vocab_size,
+                                          static.block_size))
         final = self_spec.run(model, sampler, budget, settings,
                               self_spec.init(cache, seed, static.out_len, budget, loop_rng,
                                              settings), stream)

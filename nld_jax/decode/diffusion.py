@@ -17,6 +17,7 @@ from nld_jax.cache import KVCache
 from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos
+from nld_jax.step_kernels import greedy_commit
 
 __all__ = ["Settings", "State", "init", "step", "done", "run"]
 
@@ -32,6 +33,8 @@ class Settings:
     block_size: int = dataclasses.field(metadata=dict(static=True))
     use_threshold: bool = dataclasses.field(metadata=dict(static=True))  # False: even schedule
     all_mask_init: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Greedy threshold steps on pallas_kernels.block_step (nld_jax.step_kernels decides).
+    step_kernels: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -81,11 +84,7 @@ def _denoise(model: NLDModel, sampler: Sampler, settings: Settings, eos_ids: jax
         return jnp.any(masked, axis=1) & ~_eos_settled(x, masked, eos_ids) & (
             i < settings.denoise_steps)
 
-    def body(carry):
-        x, masked, i, steps, forwards, rng = carry
-        active = needs_step(x, masked, i)
-        logits, _ = model.forward_block(x, cache, causal=False, write=False)
-        rng, key = jax.random.split(rng)
+    def commit_xla(x, masked, i, active, logits, key):
         gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
         noisy = logits + jnp.where(sampler.temperature > 0, sampler.temperature, 0.0) * gumbel
         candidate = jnp.argmax(noisy, axis=-1).astype(jnp.int32)  # [B, T]
@@ -102,8 +101,22 @@ def _denoise(model: NLDModel, sampler: Sampler, settings: Settings, eos_ids: jax
             rank = jnp.argsort(order, axis=1)
             commit = masked & (rank < k[:, None])
         commit &= active[:, None]
-        return (jnp.where(commit, candidate, x), masked & ~commit, i + 1,
-                steps + active.astype(jnp.int32), forwards + 1, rng)
+        return jnp.where(commit, candidate, x), masked & ~commit
+
+    def body(carry):
+        x, masked, i, steps, forwards, rng = carry
+        active = needs_step(x, masked, i)
+        logits, _ = model.forward_block(x, cache, causal=False, write=False)
+        rng, key = jax.random.split(rng)
+        if settings.step_kernels and settings.use_threshold:
+            x, masked = jax.lax.cond(
+                sampler.temperature > 0, commit_xla,
+                lambda x, masked, i, active, logits, key: greedy_commit(
+                    logits, x, masked, settings.threshold, active),
+                x, masked, i, active, logits, key)
+        else:
+            x, masked = commit_xla(x, masked, i, active, logits, key)
+        return x, masked, i + 1, steps + active.astype(jnp.int32), forwards + 1, rng
 
     def cond(carry):
         x, masked, i = carry[:3]

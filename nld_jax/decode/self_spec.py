@@ -22,6 +22,7 @@ from nld_jax.cache import KVCache
 from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos, leading_run
+from nld_jax.step_kernels import greedy_verify
 
 __all__ = ["Settings", "State", "init", "step", "done", "run", "ACCEPT_RULES"]
 
@@ -36,6 +37,8 @@ class Settings:
     mask_token_id: int = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
     accept_rule: str = dataclasses.field(default="exact", metadata=dict(static=True))
+    # Greedy verification on pallas_kernels.block_step (nld_jax.step_kernels decides).
+    step_kernels: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -108,17 +111,22 @@ def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
     drafts = sampler(draft_logits, draft_key).at[:, 0].set(state.seed)  # [B, T]
     verify_logits, cache = model.forward_block(drafts, state.cache, causal=True, write=True,
                                                lora_on=False)
-    # Greedy: accept while the verifier's argmax equals the next draft; bonus = its argmax there.
-    predicted = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)
-    if settings.accept_rule == "match":
-        predicted = jnp.where(sampling, sampler(verify_logits, verify_key), predicted)
-    accepted = leading_run(predicted[:, :-1] == drafts[:, 1:])
-    bonus = _gather(predicted, accepted)
-    if settings.accept_rule == "exact":
-        exact_accepted, exact_bonus = _accept_exact(sampler, draft_logits, verify_logits, drafts,
-                                                    verify_key)
-        accepted = jnp.where(sampling, exact_accepted, accepted)
-        bonus = jnp.where(sampling, exact_bonus, bonus)
+    def accept_matching(predicted: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Accept while the verifier's token equals the next draft; bonus = its token there."""
+        accepted = leading_run(predicted[:, :-1] == drafts[:, 1:])
+        return accepted, _gather(predicted, accepted)
+
+    def accept_greedy() -> tuple[jax.Array, jax.Array]:
+        if settings.step_kernels:
+            return greedy_verify(verify_logits, drafts)
+        return accept_matching(jnp.argmax(verify_logits, axis=-1).astype(jnp.int32))
+
+    def accept_sampled() -> tuple[jax.Array, jax.Array]:
+        if settings.accept_rule == "match":
+            return accept_matching(sampler(verify_logits, verify_key))
+        return _accept_exact(sampler, draft_logits, verify_logits, drafts, verify_key)
+
+    accepted, bonus = jax.lax.cond(sampling, accept_sampled, accept_greedy)
 
     positions = jnp.arange(size)[None, :]
     next_drafts = jnp.concatenate([drafts[:, 1:], drafts[:, -1:]], axis=1)

@@ -111,3 +111,35 @@ class TestGPU:
         want = verify_accept_ref(logits, drafts)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
+
+
+def test_decode_loops_run_the_kernels_in_interpret_mode():
+    """generate() with attention_impl="pallas" runs the attention and step kernels inside the
+    while_loop (interpreted here) and decodes what the XLA path decodes.
+
+    A sharpened head keeps argmax gaps far above the bf16 differences between the kernel's and
+    XLA's attention; a low threshold commits a whole block in one step.
+    """
+    from flax import nnx
+
+    from nld_jax.generate import TRACE_COUNTS
+    from nld_jax.model import NLDModel
+
+    config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=1, vocab_size=256,
+                                  block_size=8)
+    model = NLDModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model.head_dv[...] = model.head_dv[...] * 30
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    outputs = {}
+    for impl in ("xla", "pallas"):
+        model.attention_impl = impl
+        with plgpu.force_gpu_interpret_mode(INTERPRET):
+            for mode, kwargs in (("diffusion", dict(threshold=1e-3)), ("self_spec", {})):
+                before = TRACE_COUNTS[mode]
+                outputs[impl, mode] = nld_jax.generate(model, prompts, mode=mode,
+                                                       max_new_tokens=8, eos_token_ids=[255],
+                                                       **kwargs)
+                assert TRACE_COUNTS[mode] == before + 1
+    for mode in ("diffusion", "self_spec"):
+        assert outputs["pallas", mode].tokens == outputs["xla", mode].tokens
+        assert outputs["pallas", mode].num_forwards == outputs["xla", mode].num_forwards

@@ -85,9 +85,12 @@ def _denoise(model: NLDModel, sampler: Sampler, settings: Settings, eos_ids: jax
             i < settings.denoise_steps)
 
     def commit_xla(x, masked, i, active, logits, key):
-        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
-        noisy = logits + jnp.where(sampler.temperature > 0, sampler.temperature, 0.0) * gumbel
-        candidate = jnp.argmax(noisy, axis=-1).astype(jnp.int32)  # [B, T]
+        # Gumbel-max at temperature > 0; the noise is only drawn when it is used.
+        candidate = jax.lax.cond(
+            sampler.temperature > 0,
+            lambda: jnp.argmax(logits + sampler.temperature * jax.random.gumbel(
+                key, logits.shape, jnp.float32), axis=-1).astype(jnp.int32),
+            lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))  # [B, T]
         # Confidence from the untempered softmax over the full vocabulary.
         probs = jax.nn.softmax(logits, axis=-1)
         confidence = jnp.take_along_axis(probs, candidate[..., None], axis=-1)[..., 0]

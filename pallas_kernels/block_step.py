@@ -99,6 +99,14 @@ def _row_stats(logits_ref, tile_smem, bars, batch, vocab: int, block_v: int):
     return lax.fori_loop(0, tiles, step, init)
 
 
+def _store_rows(batch, *pairs) -> None:
+    """Copies each (SMEM row, GMEM output) pair to the output's row `batch`, then waits."""
+    plgpu.commit_smem()
+    for smem, out in pairs:
+        plgpu.copy_smem_to_gmem(smem, out.at[batch])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _pad_rows(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, _ROWS - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
@@ -163,11 +171,8 @@ def _commit_call(logits, tokens, masked, meta, *, config, interpret):
             tok_smem[...] = jnp.where(commit, arg, tok_smem[...])
             mask_smem[...] = jnp.where(commit, 0, mask_smem[...])
             conf_smem[...] = confidence
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(tok_smem, tokens_out.at[batch])
-            plgpu.copy_smem_to_gmem(mask_smem, masked_out.at[batch])
-            plgpu.copy_smem_to_gmem(conf_smem, conf_out.at[batch])
-            plgpu.wait_smem_to_gmem(0)
+            _store_rows(batch, (tok_smem, tokens_out), (mask_smem, masked_out),
+                        (conf_smem, conf_out))
 
         pl.run_scoped(scoped, plgpu.SMEM((2, _ROWS, config.block_v), f32),
                       plgpu.SMEM((_ROWS,), i32), plgpu.SMEM((_ROWS,), i32),
@@ -225,11 +230,8 @@ def _verify_call(logits, next_draft, *, config, interpret):
             # be stored).
             acc_smem[...] = jnp.where(positions >= 0, accepted, arg)
             bonus_smem[...] = jnp.where(positions >= 0, bonus, arg)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(pred_smem, predicted_out.at[batch])
-            plgpu.copy_smem_to_gmem(acc_smem, accepted_out.at[batch])
-            plgpu.copy_smem_to_gmem(bonus_smem, bonus_out.at[batch])
-            plgpu.wait_smem_to_gmem(0)
+            _store_rows(batch, (pred_smem, predicted_out), (acc_smem, accepted_out),
+                        (bonus_smem, bonus_out))
 
         pl.run_scoped(scoped, plgpu.SMEM((2, _ROWS, config.block_v), f32),
                       plgpu.SMEM((_ROWS,), i32), plgpu.SMEM((_ROWS,), i32),

@@ -29,6 +29,15 @@ H100 = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDe
     device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
 
 
+@functools.partial(nnx.jit, static_argnames=("causal", "write", "read_cache"))
+def _forward(model: NLDModel, tokens, cache, causal: bool, write: bool = False,
+             read_cache: bool = True):
+    # One jitted program, not op-by-op: the interpreter's callbacks dispatch eager ops to the CPU
+    # client, which can queue them behind eagerly dispatched ops that wait on the kernel itself
+    # (a deadlock seen in CI). Every interpreted call is therefore jitted and awaited.
+    return model.forward_block(tokens, cache, causal=causal, write=write, read_cache=read_cache)
+
+
 def _inputs(seed: int, b: int, t: int, n: int, k: int, h: int, s: int):
     keys = jax.random.split(jax.random.key(seed), 5)
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16)  # noqa: E731
@@ -52,8 +61,8 @@ class TestInterpret:
         seed = hash((b, t, n, k, tuple(lengths), causal)) % 2**31
         q, kc, vc, kb, vb = _inputs(seed, b, t, n, k, 64, 192)
         lengths = jnp.asarray(lengths, jnp.int32)
-        out = block_attention(q, kc, vc, lengths, kb, vb, causal, config,
-                              interpret=plgpu.InterpretGPUParams())
+        out = jax.block_until_ready(block_attention(q, kc, vc, lengths, kb, vb, causal, config,
+                                                    interpret=plgpu.InterpretGPUParams()))
         ref = block_attention_ref(q, kc, vc, lengths, kb, vb, causal)
         assert out.shape == q.shape and out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
@@ -69,9 +78,9 @@ class TestInterpret:
         pad = ((0, 0), (0, 56), (0, 0), (0, 0))
         meta = jnp.zeros((32,), jnp.int32).at[:2].set(jnp.array([0, 100])).at[2].set(1)
         params = plgpu.InterpretGPUParams(detect_races=True)
-        out, row_max, row_sum = _kernel_call(
+        out, row_max, row_sum = jax.block_until_ready(_kernel_call(
             q_rows, kc, vc, jnp.pad(kb, pad), jnp.pad(vb, pad), meta,
-            config=TuningConfig(block_q=64, num_splits=3), tokens=8, groups=4, interpret=params)
+            config=TuningConfig(block_q=64, num_splits=3), tokens=8, groups=4, interpret=params))
         for array in (out, row_sum):
             assert np.isfinite(np.asarray(array)).all()
         assert not np.isnan(np.asarray(row_max)).any()  # empty splits write -inf, not nothing
@@ -92,8 +101,8 @@ class TestInterpret:
             model.attention_impl = impl
             with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
                 for causal in (True, False):
-                    results[impl, causal] = np.asarray(
-                        model.forward_block(block, cache, causal=causal)[0])
+                    results[impl, causal] = np.asarray(jax.block_until_ready(
+                        _forward(model, block, cache, causal))[0])
         for causal in (True, False):
             np.testing.assert_allclose(results["pallas", causal], results["xla", causal],
                                        atol=0.05, rtol=0.05)
@@ -104,8 +113,8 @@ class TestInterpret:
         for impl in ("xla", "pallas"):
             model.attention_impl = impl
             with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-                logits, filled = model.forward_block(tokens, empty, causal=True, write=True,
-                                                     read_cache=False)
+                logits, filled = jax.block_until_ready(
+                    _forward(model, tokens, empty, True, write=True, read_cache=False))
             prefill[impl] = (np.asarray(logits), np.asarray(filled.k[0], np.float32))
         np.testing.assert_allclose(prefill["pallas"][0], prefill["xla"][0], atol=0.05, rtol=0.05)
         np.testing.assert_array_equal(prefill["pallas"][1], prefill["xla"][1])

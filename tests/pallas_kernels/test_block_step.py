@@ -39,8 +39,9 @@ class TestInterpret:
     ])
     def test_confidence_commit_matches_reference(self, b, t, v, scale, threshold):
         logits, tokens, masked = _block(b * 1000 + t, b, t, v, scale)
-        got = confidence_commit(logits, tokens, masked, threshold,
-                                TuningConfig(block_v=128), interpret=INTERPRET)
+        got = jax.block_until_ready(confidence_commit(logits, tokens, masked, threshold,
+                                                      TuningConfig(block_v=128),
+                                                      interpret=INTERPRET))
         want = confidence_commit_ref(logits, tokens, masked, threshold)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
@@ -56,7 +57,8 @@ class TestInterpret:
         for row, run in enumerate(agree):  # break the agreement after `run` drafts
             if run < t - 1:
                 drafts = drafts.at[row, run + 1].set((predicted[row, run] + 1) % v)
-        got = verify_accept(logits, drafts, TuningConfig(block_v=128), interpret=INTERPRET)
+        got = jax.block_until_ready(verify_accept(logits, drafts, TuningConfig(block_v=128),
+                                                  interpret=INTERPRET))
         want = verify_accept_ref(logits, drafts)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
@@ -65,12 +67,13 @@ class TestInterpret:
     def test_outputs_fully_written(self):
         """Fresh interpreter memory is NaN/garbage; every padded output row must be written."""
         logits, tokens, masked = _block(1, 2, 64, 256, 3.0)
-        outs = _commit_call(logits, tokens, masked.astype(jnp.int32),
-                            jnp.zeros((32,), jnp.float32).at[0].set(0.5),
-                            config=TuningConfig(block_v=128), interpret=INTERPRET)
+        outs = jax.block_until_ready(_commit_call(
+            logits, tokens, masked.astype(jnp.int32), jnp.zeros((32,), jnp.float32).at[0].set(0.5),
+            config=TuningConfig(block_v=128), interpret=INTERPRET))
         assert np.isfinite(np.asarray(outs[2])).all()
-        outs = _verify_call(logits, tokens, config=TuningConfig(block_v=128),
-                            interpret=INTERPRET)
+        outs = jax.block_until_ready(_verify_call(logits, tokens,
+                                                  config=TuningConfig(block_v=128),
+                                                  interpret=INTERPRET))
         assert all(np.asarray(o).min() >= 0 for o in outs)
 
     def test_unsupported_inputs_raise(self):

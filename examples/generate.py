@@ -1,6 +1,6 @@
 """Generate with an NLD checkpoint in every decoding mode.
 
-    python examples/generate.py                       # the bundled tiny model, all three modes
+    python examples/generate.py                       # the bundled tiny model, every mode
     python examples/generate.py --model DIR --prompt "..." --mode self_spec
 
 For each mode it prints the decoded text, the tokens per forward and the wall time (the first
@@ -33,7 +33,7 @@ def main() -> None:
     prompt = tokenizer.encode(args.prompt)
     print(f"model  {args.model} ({model.config.num_parameters / 1e6:.1f}M parameters)")
     print(f"prompt {args.prompt!r}")
-    modes = ("ar", "diffusion", "self_spec") if args.mode == "all" else (args.mode,)
+    modes = MODES if args.mode == "all" else (args.mode,)
     for mode in modes:
         kwargs = dict(mode=mode, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, block_size=args.block_size)
@@ -43,8 +43,8 @@ def main() -> None:
         start = time.perf_counter()
         out = nld_jax.generate(model, [prompt], **kwargs)
         seconds = time.perf_counter() - start
-        print(f"{mode:10s} {tokenizer.decode(out.tokens[0])!r}")
-        print(f"{'':10s} {len(out.tokens[0])} tokens in {out.num_forwards} forwards "
+        print(f"{mode:19s} {tokenizer.decode(out.tokens[0])!r}")
+        print(f"{'':19s} {len(out.tokens[0])} tokens in {out.num_forwards} forwards "
               f"({out.stats['tokens_per_forward']:.2f} tokens/forward), {seconds * 1e3:.0f} ms "
               f"(first call with compile {compile_s:.1f} s)")
 

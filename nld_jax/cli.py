@@ -24,7 +24,7 @@ from nld_jax.tokenizer import Tokenizer
 
 __all__ = ["main", "stream_text", "StreamResult", "OneLineParser", "UsageError"]
 
-_STREAMED_MODES = ("ar", "diffusion", "self_spec")
+_STREAMED_MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
 
 
 class UsageError(Exception):

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from nld_jax.cache import KVCache
-from nld_jax.decode import ar, diffusion, self_spec
+from nld_jax.decode import ar, diffusion, self_spec, self_spec_quadratic
 from nld_jax.decode.common import Budget, Sampler, Stream, register_stream, unregister_stream
 from nld_jax.decode.prefill import prefill
 from nld_jax.model import NLDModel
@@ -23,7 +23,7 @@ from nld_jax.step_kernels import use_step_kernels
 __all__ = ["generate", "GenerationOutput", "MODES", "TRACE_COUNTS"]
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
-_IMPLEMENTED = ("ar", "diffusion", "self_spec")
+_SPECULATIVE = ("self_spec", "self_spec_quadratic")
 _MIN_BUCKET = 16
 
 # How often each mode's program has been traced; tests read it to prove there is no recompile.
@@ -146,9 +146,15 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
                                       step_kernels=use_step_kernels(
                                           model.attention_impl, config.vocab_size,
                                           static.block_size))
-        final = self_spec.run(model, sampler, budget, settings,
-                              self_spec.init(cache, seed, static.out_len, budget, loop_rng,
-                                             settings), stream)
+        if static.mode == "self_spec":
+            final = self_spec.run(model, sampler, budget, settings,
+                                  self_spec.init(cache, seed, static.out_len, budget, loop_rng,
+                                                 settings), stream)
+        else:
+            final = self_spec_quadratic.run(
+                model, sampler, budget, settings,
+                self_spec_quadratic.init(model, sampler, cache, seed, static.out_len, budget,
+                                         loop_rng, settings), stream).core
         extra = dict(accepted_histogram=final.accepted_histogram)
     return dict(tokens=final.tokens, num_tokens=final.num_tokens,
                 num_forwards=final.num_forwards, row_forwards=final.row_forwards, **extra)
@@ -217,7 +223,8 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
       mode: "ar" | "diffusion" | "self_spec" | "self_spec_quadratic".
       max_new_tokens: the budget per prompt.
       temperature: 0 = greedy.
-      block_size: diffusion/self-spec block (default config.block_size).
+      block_size: diffusion/self-spec block (default config.block_size). Quadratic
+        self-spec runs T*(T+1) tokens a forward and needs that many cache slots of room.
       threshold: diffusion commit threshold in (0, 1]; None = even top-k schedule.
       seed: PRNG seed for sampling.
       top_k: sample among the k most likely tokens (0 = off).
@@ -227,13 +234,14 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
       denoise_steps: diffusion: at most this many denoise forwards a block (default
         block_size); with threshold=None the even schedule spreads the masks over them.
       all_mask_init: diffusion: start blocks all-mask (SGLang/vLLM) instead of [seed, MASK...].
-      accept_rule: self_spec at temperature > 0: "exact" speculative sampling (the output is
-        distributed as AR sampling) or "match" (NVIDIA's: sample the AR token, accept on match).
+      accept_rule: self-spec (both kinds) at temperature > 0: "exact" speculative sampling (the
+        output is distributed as AR sampling) or "match" (NVIDIA's: sample the AR token, accept
+        on match).
       eos_token_ids: tokens that end a row (default: config.eos_token_ids).
       stream: called as stream(new_tokens) from inside the running program, with one list per
         row of the tokens committed since the last call (cut after EOS as in the output): once
         when the decode loop starts (the prefill's token in AR and self_spec), then after every
-        token (AR), block (diffusion) or cycle (self_spec). Streaming compiles its own program,
+        token (AR), block (diffusion) or cycle (self-spec). Streaming compiles its own program,
         which holds an ordered host callback; without it the program has none.
     Returns:
       GenerationOutput.
@@ -241,8 +249,6 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
     config = model.config
     if mode not in MODES:
         raise ValueError(f"unknown {mode=}; expected one of {MODES}")
-    if mode not in _IMPLEMENTED:
-        raise NotImplementedError(f"{mode=} is not implemented yet; available: {_IMPLEMENTED}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
         raise ValueError(f"{max_new_tokens=} must be a positive integer")
@@ -253,7 +259,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
         raise ValueError(f"{top_k=} must be an integer in [0, vocab_size={config.vocab_size}]")
     block = config.block_size if block_size is None else block_size
-    if mode in ("diffusion", "self_spec"):
+    if mode != "ar":
         if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
             raise ValueError(f"block_size={block!r} must be an integer >= 2")
     if mode == "diffusion":
@@ -287,14 +293,18 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
                          f"{needed} positions, more than {which}={limit}")
 
     prompt_bucket, out_bucket = _bucket(longest), _bucket(int(max_new_tokens))
-    # Block modes write a whole block past the valid length (and diffusion rounds the budget
-    # up), so buffers and cache get one extra block of room.
-    slack = 0 if mode == "ar" else -(-out_bucket // block) * block - out_bucket + block
+    # Block modes emit up to a block past the budget (diffusion also rounds it up) and write a
+    # block's K/V past the valid length (quadratic self-spec: T*(T+1) tokens), so the buffers
+    # and the cache get that much room: a write clamped at the cache's end would overwrite
+    # valid slots.
+    written = {"ar": 0, "self_spec_quadratic": block * (block + 1)}.get(mode, block)
+    rounding = 0 if mode == "ar" else -(-out_bucket // block) * block - out_bucket
+    out_len = out_bucket + rounding + (0 if mode == "ar" else block)
     # Slots in whole 64-key tiles, as the attention kernel reads them.
-    capacity = -(-(prompt_bucket + out_bucket + slack) // 64) * 64
+    capacity = -(-(prompt_bucket + out_bucket + rounding + written) // 64) * 64
     if max_cache_len is not None:
         # The prefill writes the whole padded prompt, and a block may be written past the end.
-        capacity = max(max_cache_len + (0 if mode == "ar" else block), prompt_bucket)
+        capacity = max(max_cache_len + written, prompt_bucket)
         capacity = -(-capacity // 64) * 64
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
@@ -302,7 +312,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
     lengths = np.array([len(r) for r in rows], np.int32)
 
     graphdef, state = nnx.split(model)
-    static = _Static(mode=mode, capacity=capacity, out_len=out_bucket + slack,
+    static = _Static(mode=mode, capacity=capacity, out_len=out_len,
                      top_k=top_k,
                      block_size=block if mode != "ar" else 0,
                      use_threshold=threshold is not None, all_mask_init=bool(all_mask_init),
@@ -337,7 +347,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
         blocks = int(result["num_blocks"].sum())
         stats["num_blocks"] = blocks
         stats["denoise_steps_per_block"] = int(result["denoise_steps"].sum()) / max(blocks, 1)
-    elif mode == "self_spec":
+    elif mode in _SPECULATIVE:
         histogram = result["accepted_histogram"]
         cycles = int(histogram.sum())
         stats["accepted_histogram"] = histogram.tolist()

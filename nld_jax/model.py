@@ -201,7 +201,8 @@ class NLDModel(nnx.Module):
                       causal: jax.Array | bool, write: jax.Array | bool = False,
                       lora_on: jax.Array | bool = False, logits_index: jax.Array | None = None,
                       read_cache: bool = True, positions: jax.Array | None = None,
-                      block_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                      block_mask: jax.Array | None = None,
+                      return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
         """A block of T tokens at positions cache.lengths[b] + (0..T-1) against the cache.
 
         Args:
@@ -215,10 +216,13 @@ class NLDModel(nnx.Module):
             prefill needs one position, and [P, V] logits would dwarf the weights).
           read_cache: static; False attends to the block alone (a prefill into an empty cache).
           positions: int [B, T] RoPE positions overriding L + (0..T-1) (training).
-          block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal` (training).
+          block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal` (training,
+            quadratic self-speculation).
+          return_hidden: static; return the last layer's hidden states [B, T, D] instead of
+            logits, for a caller that needs `logits()` of only some positions.
         Returns:
-          (float32 logits [B, T, V] (or [B, 1, V] with logits_index), the cache with the block
-          written or untouched).
+          (float32 logits [B, T, V] (or [B, 1, V] with logits_index; or hidden states), the cache
+          with the block written or untouched).
         """
         b, t = tokens.shape
         starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
@@ -250,8 +254,12 @@ class NLDModel(nnx.Module):
                     new_v.append(write_block(cache.v[i], v, cache.lengths, write))
         if logits_index is not None:
             h = jnp.take_along_axis(h, logits_index[:, None, None].astype(jnp.int32), axis=1)
-        logits = jnp.einsum("BTD,DV->BTV", self.final_norm(h), self.head_dv[...],
-                            preferred_element_type=jnp.float32)
+        out = h if return_hidden else self.logits(h)
         if cache is None:
-            return logits, None
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths)
+            return out, None
+        return out, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The last layer's hidden states [B, T, D] -> float32 logits [B, T, V]."""
+        return jnp.einsum("BTD,DV->BTV", self.final_norm(hidden), self.head_dv[...],
+                          preferred_element_type=jnp.float32)

@@ -27,7 +27,7 @@ class _Recorder(io.StringIO):
         return super().write(text)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec", "self_spec_quadratic"])
 def test_each_mode_streams_the_final_text(mode, capsys):
     assert cli.main([TINY, PROMPT, "--mode", mode, *ARGS]) == 0
     captured = capsys.readouterr()

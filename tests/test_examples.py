@@ -15,10 +15,10 @@ def test_generate_example_runs_all_modes():
                             text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    for mode in ("ar", "diffusion", "self_spec"):
+    for mode in ("ar", "diffusion", "self_spec", "self_spec_quadratic"):
         text = next(line for line in lines if line.startswith(mode + " "))
         assert "'1 2 3 4 7 8 9'" in text, result.stdout
-    assert result.stdout.count("tokens/forward") == 3
+    assert result.stdout.count("tokens/forward") == 4
 
 
 def test_benchmark_runs_on_cpu(tmp_path):

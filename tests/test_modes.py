@@ -84,7 +84,7 @@ def test_sampling_modes_run_and_are_seeded(trained):
 
 
 def test_each_mode_compiles_once_per_bucket(trained):
-    for mode in ("diffusion", "self_spec"):
+    for mode in ("diffusion", "self_spec", "self_spec_quadratic"):
         nld_jax.generate(trained, _prompts(4, seed=1), mode=mode, max_new_tokens=12)
         before = TRACE_COUNTS[mode]
         nld_jax.generate(trained, _prompts(4, seed=2), mode=mode, max_new_tokens=16,
@@ -100,6 +100,7 @@ def test_each_mode_compiles_once_per_bucket(trained):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(mode="diffusion", block_size=1), "block_size=1"),
     (dict(mode="self_spec", block_size=0), "block_size=0"),
+    (dict(mode="self_spec_quadratic", block_size=1), "block_size=1"),
     (dict(mode="diffusion", block_size=2.5), "block_size=2.5"),
     (dict(mode="diffusion", threshold=0.0), "threshold=0.0"),
     (dict(mode="diffusion", threshold=1.5), "threshold=1.5"),

@@ -1,4 +1,5 @@
-"""Self-speculation: greedy equals AR, exact speculative sampling keeps the AR distribution."""
+"""Self-speculation (linear and quadratic): greedy equals AR, speculative sampling keeps the AR
+distribution."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def _model(eos: int, lora: bool = False, head_scale: float = 1.0):
     return model
 
 
+SPEC_MODES = ("self_spec", "self_spec_quadratic")
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
 @pytest.mark.parametrize("block_size,budget", [(4, 13), (8, 19)])
-def test_greedy_equals_ar_on_random_prompts(block_size, budget):
+def test_greedy_equals_ar_on_random_prompts(mode, block_size, budget):
     """60 random prompts in ragged batches of 20; budgets end mid-block; EOS stops mid-block."""
     rng = np.random.default_rng(block_size)
     model = _model(eos=127, lora=True)
@@ -33,7 +38,7 @@ def test_greedy_equals_ar_on_random_prompts(block_size, budget):
     for start in range(0, 60, 20):
         batch = prompts[start:start + 20]
         ar = nld_jax.generate(model, batch, mode="ar", max_new_tokens=budget)
-        spec = nld_jax.generate(model, batch, mode="self_spec", max_new_tokens=budget,
+        spec = nld_jax.generate(model, batch, mode=mode, max_new_tokens=budget,
                                 block_size=block_size)
         assert spec.tokens == ar.tokens
         assert sum(len(t) == budget for t in ar.tokens) >= 15  # most run to the budget
@@ -45,7 +50,7 @@ def test_greedy_equals_ar_on_random_prompts(block_size, budget):
     for start in range(0, 60, 20):
         batch = prompts[start:start + 20]
         ar = nld_jax.generate(model, batch, mode="ar", max_new_tokens=budget, eos_token_ids=eos)
-        spec = nld_jax.generate(model, batch, mode="self_spec", max_new_tokens=budget,
+        spec = nld_jax.generate(model, batch, mode=mode, max_new_tokens=budget,
                                 block_size=block_size, eos_token_ids=eos)
         assert spec.tokens == ar.tokens
         stopped += sum(len(t) < budget for t in ar.tokens)
@@ -61,6 +66,28 @@ def test_forward_counts_and_stats():
     assert sum(out.stats["accepted_histogram"]) == cycles
     emitted = 1 + sum((c + 1) * n for c, n in enumerate(out.stats["accepted_histogram"]))
     assert emitted >= len(out.tokens[0]) == 10
+    # Quadratic: one forward a cycle, plus the bootstrap draft.
+    quadratic = nld_jax.generate(model, [[1, 2, 3]], mode="self_spec_quadratic",
+                                 max_new_tokens=10, block_size=4)
+    assert quadratic.tokens == out.tokens
+    assert quadratic.num_forwards == quadratic.stats["cycles"] + 1
+
+
+def test_quadratic_block_layout():
+    """The attention pattern of spec/decoding.md section 4, built independently, for T=3."""
+    from nld_jax.decode.self_spec_quadratic import block_layout
+
+    t = 3
+    offsets, is_mask, visible = block_layout(t)
+    names = [("d", i, 0) for i in range(t)] + [("m", i, j) for i in range(t)
+                                                for j in range(1, t + 1)]
+    for q, (kind_q, i_q, j_q) in enumerate(names):
+        assert offsets[q] == i_q + j_q  # d_i at L+i, group i's masks at L+i+1..L+i+T
+        assert is_mask[q] == (kind_q == "m")
+        for k, (kind_k, i_k, _) in enumerate(names):
+            sees_chain = kind_k == "d" and i_k <= i_q
+            own_group = kind_q == "m" and kind_k == "m" and i_k == i_q
+            assert visible[q, k] == (sees_chain or own_group), (names[q], names[k])
 
 
 def _first_two_token_marginals(model, prompt: list[int], temperature: float, lora_on: bool):
@@ -124,3 +151,61 @@ def test_speculative_sampling_keeps_the_ar_distribution(accept_rule):
     assert not _chi_square_rejects(second, p)
     if accept_rule == "exact":
         assert out.stats["mean_accepted"] > 0.2  # drafts were really accepted along the way
+
+
+def _third_token_marginals(model, prompt: list[int], temperature: float):
+    """Exact marginal of the 3rd generated token under AR sampling, and under the first draft.
+
+    p(t3) = sum_{t1,t2} p(t1) p(t2 | t1) p(t3 | t1, t2) over every (t1, t2) pair that is not
+    EOS (rows that end early have no 3rd token); q(t3) = sum_t1 p(t1) q(t3 | t1) with the draft
+    pass [t1, MASK, MASK, MASK] at block position 2.
+    """
+    c, v = model.config, model.config.vocab_size
+    eos = jnp.asarray(c.eos_token_ids)
+
+    def probs(logits):
+        return jax.nn.softmax(logits / temperature, axis=-1).at[..., eos].set(0.0)
+
+    first = probs(model(jnp.asarray([prompt]))[0, -1])  # [V]
+    t1 = jnp.arange(v)[:, None]
+    ones = jnp.tile(jnp.asarray(prompt)[None], (v, 1))
+    second = probs(model(jnp.concatenate([ones, t1], axis=1))[:, -1])  # [V(t1), V(t2)]
+    pairs = jnp.stack(jnp.meshgrid(jnp.arange(v), jnp.arange(v), indexing="ij"), -1)
+    pairs = pairs.reshape(v * v, 2)
+    prefix = jnp.concatenate([jnp.tile(jnp.asarray(prompt)[None], (v * v, 1)), pairs], axis=1)
+    third = jax.nn.softmax(model(prefix)[:, -1] / temperature, axis=-1)  # [V*V, V]
+    weight = (first[:, None] * second).reshape(v * v)
+    p = weight @ third
+    cache = KVCache.empty(num_layers=c.num_hidden_layers, batch=v, capacity=64,
+                          num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                          dtype=jnp.float32)
+    _, cache = model.forward_block(ones, cache, causal=True, write=True)
+    cache = cache.advance(jnp.full((v,), len(prompt)))
+    block = jnp.concatenate([t1, jnp.full((v, 3), c.mask_token_id)], axis=1)
+    draft, _ = model.forward_block(block, cache, causal=False, lora_on=True)
+    q = first @ jax.nn.softmax(draft[:, 2] / temperature)
+    return np.asarray(p, np.float64), np.asarray(q, np.float64)
+
+
+@pytest.mark.parametrize("accept_rule", ["exact", "match"])
+def test_quadratic_sampling_keeps_the_ar_distribution(accept_rule):
+    """The 3rd token follows the AR marginal in quadratic self-speculation.
+
+    With block 4, the 3rd token is decided by the first cycle (drafts from the bootstrap pass)
+    when a draft is accepted, and by the second cycle (drafts from group 0 of the first cycle's
+    forward) otherwise, so both sources of drafts are exercised. Power: samples of the draft
+    marginal are rejected. Significance 1e-3, 6000 samples, fixed seed.
+    """
+    model = _model(eos=127, lora=True, head_scale=8.0)
+    prompt, temperature = [3, 14, 15, 92], 1.0
+    p, q = _third_token_marginals(model, prompt, temperature)
+    draft_like = np.random.default_rng(0).choice(p.size, 6000, p=q / q.sum())
+    assert _chi_square_rejects(draft_like, p), "the test cannot tell drafts from AR samples"
+    out = nld_jax.generate(model, [prompt] * 6000, mode="self_spec_quadratic", max_new_tokens=3,
+                           temperature=temperature, block_size=4, seed=7,
+                           accept_rule=accept_rule)
+    third = np.array([t[2] for t in out.tokens if len(t) > 2])
+    assert third.size > 5000
+    assert not _chi_square_rejects(third, p)
+    histogram = out.stats["accepted_histogram"]
+    assert histogram[0] > 0 and sum(histogram[1:]) > 0  # both draft sources decided some rows

@@ -33,7 +33,7 @@ def _streamed(model, mode: str, **kwargs) -> tuple[nld_jax.GenerationOutput, lis
     return out, calls
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec", "self_spec_quadratic"])
 def test_streamed_tokens_equal_the_output(model, mode):
     plain = nld_jax.generate(model, PROMPTS, mode=mode, max_new_tokens=16)
     out, calls = _streamed(model, mode)
@@ -44,6 +44,7 @@ def test_streamed_tokens_equal_the_output(model, mode):
     # Once when the loop starts, then after every step: a token, a block, a cycle.
     block = model.config.block_size
     steps = {"ar": out.num_forwards, "self_spec": out.num_forwards // 2,
+             "self_spec_quadratic": out.num_forwards - 1,
              "diffusion": max(-(-len(t) // block) for t in out.tokens)}[mode]
     assert len(calls) == steps + 1
     if mode == "ar":

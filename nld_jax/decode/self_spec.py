@@ -24,7 +24,8 @@ from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos, leading_run
 from nld_jax.step_kernels import greedy_verify
 
-__all__ = ["Settings", "State", "init", "step", "done", "run", "ACCEPT_RULES"]
+__all__ = ["Settings", "State", "init", "step", "done", "run", "accept", "commit", "draft_block",
+           "ACCEPT_RULES"]
 
 ACCEPT_RULES = ("exact", "match")
 
@@ -97,20 +98,18 @@ def _accept_exact(sampler: Sampler, draft_logits: jax.Array, verify_logits: jax.
     return accepted, bonus
 
 
-def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
-         state: State) -> State:
-    """One draft + verify cycle."""
-    b, size = state.seed.shape[0], settings.block_size
-    active = ~state.finished
-    sampling = sampler.temperature > 0
-    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
+def accept(sampler: Sampler, settings: Settings, verify_logits: jax.Array, drafts: jax.Array,
+           draft_logits: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The verifier's decision on a block: (accepted drafts c [B], the token at position c [B]).
 
-    block = jnp.full((b, size), settings.mask_token_id, jnp.int32).at[:, 0].set(state.seed)
-    draft_logits, _ = model.forward_block(block, state.cache, causal=False, write=False,
-                                          lora_on=True)
-    drafts = sampler(draft_logits, draft_key).at[:, 0].set(state.seed)  # [B, T]
-    verify_logits, cache = model.forward_block(drafts, state.cache, causal=True, write=True,
-                                               lora_on=False)
+    Args:
+      verify_logits: float32 [B, T, V]: causal logits of `drafts`; position j predicts j+1.
+      drafts: int32 [B, T]: [seed, d_1..d_{T-1}].
+      draft_logits: float32 [B, T, V]: the logits position j's draft was drawn from (used by
+        exact speculative sampling only).
+    """
+    sampling = sampler.temperature > 0
+
     def accept_matching(predicted: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Accept while the verifier's token equals the next draft; bonus = its token there."""
         accepted = leading_run(predicted[:, :-1] == drafts[:, 1:])
@@ -123,11 +122,18 @@ def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
 
     def accept_sampled() -> tuple[jax.Array, jax.Array]:
         if settings.accept_rule == "match":
-            return accept_matching(sampler(verify_logits, verify_key))
-        return _accept_exact(sampler, draft_logits, verify_logits, drafts, verify_key)
+            return accept_matching(sampler(verify_logits, key))
+        return _accept_exact(sampler, draft_logits, verify_logits, drafts, key)
 
-    accepted, bonus = jax.lax.cond(sampling, accept_sampled, accept_greedy)
+    return jax.lax.cond(sampling, accept_sampled, accept_greedy)
 
+
+def commit(state: State, cache: KVCache, drafts: jax.Array, accepted: jax.Array,
+           bonus: jax.Array, budget: Budget, rng: jax.Array, forwards: int) -> State:
+    """Emits the accepted drafts and the bonus, advances the cache past them (the rest of the
+    written block stays invalid: the rollback) and counts `forwards` for the cycle."""
+    b, size = drafts.shape
+    active = ~state.finished
     positions = jnp.arange(size)[None, :]
     next_drafts = jnp.concatenate([drafts[:, 1:], drafts[:, -1:]], axis=1)
     emitted = jnp.where(positions < accepted[:, None], next_drafts, bonus[:, None])
@@ -141,8 +147,30 @@ def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
     return State(cache=cache.advance(jnp.where(active, accepted + 1, 0)), tokens=tokens,
                  num_tokens=num_tokens, seed=jnp.where(active, bonus, state.seed),
                  finished=finished, accepted_histogram=histogram, rng=rng,
-                 num_forwards=state.num_forwards + 2,
-                 row_forwards=state.row_forwards + 2 * active.astype(jnp.int32))
+                 num_forwards=state.num_forwards + forwards,
+                 row_forwards=state.row_forwards + forwards * active.astype(jnp.int32))
+
+
+def draft_block(model: NLDModel, cache: KVCache, seed: jax.Array, mask_token_id: int,
+                size: int) -> jax.Array:
+    """The draft pass: logits [B, T, V] of [seed, MASK * (T-1)], bidirectional, against the
+    cache without writing it, the adapter on. Position j's logits draft position j."""
+    block = jnp.full((seed.shape[0], size), mask_token_id, jnp.int32).at[:, 0].set(seed)
+    logits, _ = model.forward_block(block, cache, causal=False, write=False, lora_on=True)
+    return logits
+
+
+def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
+         state: State) -> State:
+    """One draft + verify cycle."""
+    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
+    draft_logits = draft_block(model, state.cache, state.seed, settings.mask_token_id,
+                               settings.block_size)
+    drafts = sampler(draft_logits, draft_key).at[:, 0].set(state.seed)  # [B, T]
+    verify_logits, cache = model.forward_block(drafts, state.cache, causal=True, write=True,
+                                               lora_on=False)
+    accepted, bonus = accept(sampler, settings, verify_logits, drafts, draft_logits, verify_key)
+    return commit(state, cache, drafts, accepted, bonus, budget, rng, forwards=2)
 
 
 def done(state: State) -> jax.Array:

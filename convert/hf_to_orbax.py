@@ -91,7 +91,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
     """Converts a released directory to an Orbax directory.
 
     Args:
-      src: the Hugging Face directory (config.json, safetensors, optional linear_spec_lora/).
+      src: the Hugging Face directory (config.json, safetensors, optional linear_spec_lora/),
+        or a Hub repo id (see nld_jax.load_model).
       dst: the Orbax directory to create.
       dtype: "bfloat16" or "float32", the parameters' dtype in the checkpoint.
       overwrite: replace an existing dst (only once the new checkpoint is complete).
@@ -101,13 +102,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
     from tqdm import tqdm
 
     import nld_jax
+    from nld_jax.loading import resolve_checkpoint_dir
 
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"{dtype=} is not supported; use 'bfloat16' or 'float32'")
+    _check_destination(dst, overwrite)
+    src = resolve_checkpoint_dir(src)  # a Hub repo id: downloaded into the Hub cache first
     if os.path.commonpath([os.path.abspath(src), dst]) == dst:  # replacing dst deletes src
         raise ValueError(f"{dst}: the destination is (or contains) the source {src}")
-    _check_destination(dst, overwrite)
     with tqdm(desc="read", unit="tensor", disable=not progress, file=sys.stderr) as bar:
 
         def on_tensor(name: str, total: int) -> None:
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The nld-convert command; returns the exit status (2 on bad input, with a one-line error)."""
     parser = OneLineParser(prog="nld-convert",
                            description="Convert a released NLD checkpoint to Orbax.")
-    parser.add_argument("src", help="Hugging Face checkpoint directory")
+    parser.add_argument("src", help="Hugging Face checkpoint directory (or Hub repo id)")
     parser.add_argument("dst", help="Orbax directory to create")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,8 +30,8 @@ from nld_jax.config import ConfigError, NLDConfig
 from nld_jax.model import NLDModel
 from nld_jax.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 
-__all__ = ["load_model", "save_model", "LoadError", "LORA_DIR", "ORBAX_MARKER", "ORBAX_PARAMS",
-           "ORBAX_FORMAT", "ORBAX_VERSION"]
+__all__ = ["load_model", "save_model", "resolve_checkpoint_dir", "LoadError", "LORA_DIR",
+           "ORBAX_MARKER", "ORBAX_PARAMS", "ORBAX_FORMAT", "ORBAX_VERSION"]
 
 LORA_DIR = "linear_spec_lora"
 SINGLE_FILE = "model.safetensors"
@@ -46,6 +47,32 @@ ORBAX_VERSION = 1
 
 class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
+
+
+# What a released repository holds that load_model reads (weights, adapter, config, tokenizer).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.jinja", f"{LORA_DIR}/*")
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A local directory as given; a Hugging Face Hub repo id ("owner/name") downloaded first.
+
+    Anything that exists locally, or is not shaped like a repo id, never touches the network.
+    """
+    if os.path.exists(path) or not _HUB_REPO_ID.fullmatch(path):
+        if not os.path.isdir(path):
+            raise LoadError(f"{path}: not a directory")
+        return path
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LoadError(f"{path}: no such directory; to download it as a Hugging Face Hub repo "
+                        f"install huggingface_hub (pip install 'nld-jax[hub]')") from None
+    try:
+        return huggingface_hub.snapshot_download(path, allow_patterns=list(HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, ...: one clear line
+        raise LoadError(f"{path}: no such directory, and downloading it from the Hugging Face "
+                        f"Hub failed ({type(e).__name__}: {e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +376,9 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
 
     Args:
       path: a directory with config.json and model.safetensors (or an index and shards), or an
-        Orbax directory written by nld-convert (it holds nld_orbax.json).
+        Orbax directory written by nld-convert (it holds nld_orbax.json); or, when no such
+        local path exists, a Hugging Face Hub repo id ("owner/name"), downloaded with
+        huggingface_hub (the `hub` extra) into its cache.
       dtype: "bfloat16" or "float32", for parameters and activations.
       lora: None: the directory's adapter if present (linear_spec_lora/, or the one stored in
         the Orbax copy); False: no adapter; a path: that PEFT adapter directory.
@@ -360,9 +389,7 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
     Returns:
       The model, with `.config`, and `.tokenizer` when the directory has tokenizer.json.
     """
-    model_dir = os.fspath(path)
-    if not os.path.isdir(model_dir):
-        raise LoadError(f"{model_dir}: not a directory")
+    model_dir = resolve_checkpoint_dir(os.fspath(path))
     try:
         config = NLDConfig.from_json(model_dir)
     except ConfigError as e:

@@ -223,3 +223,20 @@ def test_check_finite_on_the_orbax_copy(tmp_path):
     nld_jax.load_model(dst)
     with pytest.raises(nld_jax.LoadError, match=r"params: parameter .* contains NaN or Inf"):
         nld_jax.load_model(dst, check_finite=True)
+
+
+def test_converts_a_hub_repo_id(monkeypatch, tmp_path):
+    """The source may be a Hub repo id: downloaded first, then converted with its files."""
+    calls = []
+
+    class FakeHub:
+        @staticmethod
+        def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+            calls.append(repo_id)
+            return str(tiny.TINY_MODEL_DIR)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", FakeHub)
+    hf_to_orbax.convert("nvidia/NLD-tiny-test", tmp_path / "out", progress=False)
+    assert calls == ["nvidia/NLD-tiny-test"]
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert nld_jax.load_model(tmp_path / "out").config.vocab_size == 17

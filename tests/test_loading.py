@@ -182,3 +182,60 @@ def test_bad_lora(tmp_path):
 
 def test_bad_dtype_argument():
     _expect(SINGLE, "dtype", dtype="float16")
+
+
+class _FakeHub:
+    """Stands in for huggingface_hub: snapshot_download 'downloads' the bundled tiny model."""
+
+    def __init__(self, error: Exception | None = None):
+        self.calls: list[tuple[str, list[str]]] = []
+        self.error = error
+
+    def snapshot_download(self, repo_id: str, allow_patterns: list[str]) -> str:
+        self.calls.append((repo_id, allow_patterns))
+        if self.error is not None:
+            raise self.error
+        from nld_jax import tiny
+
+        return str(tiny.TINY_MODEL_DIR)
+
+
+def test_hub_repo_id_is_downloaded(monkeypatch):
+    import sys
+
+    hub = _FakeHub()
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    model = nld_jax.load_model("nvidia/NLD-tiny-test", dtype="float32")
+    assert hub.calls and hub.calls[0][0] == "nvidia/NLD-tiny-test"
+    assert "*.safetensors" in hub.calls[0][1] and model.has_lora and model.tokenizer is not None
+
+
+def test_local_paths_never_touch_the_hub(monkeypatch, tmp_path):
+    import sys
+
+    from nld_jax import tiny
+
+    hub = _FakeHub(error=AssertionError("the network was used"))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    shutil.copytree(tiny.TINY_MODEL_DIR, tmp_path / "owner" / "name")
+    monkeypatch.chdir(tmp_path)
+    assert nld_jax.load_model("owner/name").config.vocab_size == 17  # shaped like a repo id
+    _expect(tmp_path / "owner" / "missing", "not a directory")  # absolute: never a repo id
+    with pytest.raises(nld_jax.LoadError, match="not a directory"):
+        nld_jax.load_model("./owner/missing")
+    with pytest.raises(nld_jax.LoadError, match="not a directory"):
+        nld_jax.load_model("owner/name/extra")
+    assert not hub.calls
+
+
+def test_hub_errors_are_clear(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(nld_jax.LoadError, match=r"install huggingface_hub .*nld-jax\[hub\]"):
+        nld_jax.load_model("nvidia/NLD-tiny-test")
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        _FakeHub(error=OSError("offline: cannot reach huggingface.co")))
+    with pytest.raises(nld_jax.LoadError, match="downloading it from the Hugging Face Hub "
+                                                "failed .*offline"):
+        nld_jax.load_model("nvidia/NLD-tiny-test")

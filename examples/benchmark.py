@@ -4,7 +4,8 @@
     python examples/benchmark.py --size 8B --prompt 512 --new 256 --out bench/   # on a GPU
 
 Reports, measured in one run on one device:
-- per mode (ar, diffusion, self_spec): whole-loop tokens/s and forwards/s (batch 1), compile s;
+- per mode (ar, diffusion, self_spec, self_spec_quadratic; --modes): whole-loop tokens/s and
+  forwards/s (batch 1), compile s;
 - ms per forward for T=1 and T=32 against a cache of the prompt, and their ratio;
 - the fraction of the HBM roofline: bytes one forward must read (all weights + the valid KV
   cache) over the device's measured copy bandwidth, divided by the measured forward time;
@@ -33,6 +34,7 @@ from flax import nnx
 import nld_jax
 from nld_jax.attention import on_hopper
 from nld_jax.cache import KVCache
+from nld_jax.generate import MODES
 from nld_jax.model import NLDModel
 
 
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
     parser.add_argument("--out", default="benchmark_out")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="decoding modes to time (default: all)")
     args = parser.parse_args()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,7 @@ def main() -> None:
 
     prompt = [list(range(1, args.prompt + 1))]
     modes = []
-    for mode in ("ar", "diffusion", "self_spec"):
+    for mode in args.modes:
         kwargs = dict(mode=mode, max_new_tokens=args.new, eos_token_ids=[0])
         start = time.perf_counter()
         nld_jax.generate(model, prompt, **kwargs)

@@ -131,6 +131,24 @@ def _chi_square_rejects(samples: np.ndarray, probs: np.ndarray, alpha_z: float =
     return bool(chi2 > critical)
 
 
+SAMPLED_PROMPT = [3, 14, 15, 92]
+
+
+def _check_sampled_token(model, mode: str, position: int, p: np.ndarray, q: np.ndarray,
+                         seed: int, accept_rule: str) -> nld_jax.GenerationOutput:
+    """Power first (6000 draws of the draft marginal q are told apart from p), then the mode's
+    token at `position`, sampled at temperature 1 for 6000 copies of the prompt, follows p."""
+    draft_like = np.random.default_rng(0).choice(p.size, 6000, p=q / q.sum())
+    assert _chi_square_rejects(draft_like, p), "the test cannot tell drafts from AR samples"
+    out = nld_jax.generate(model, [SAMPLED_PROMPT] * 6000, mode=mode,
+                           max_new_tokens=position + 1, temperature=1.0, block_size=4,
+                           seed=seed, accept_rule=accept_rule)
+    samples = np.array([t[position] for t in out.tokens if len(t) > position])
+    assert samples.size > 5000  # few rows ended on EOS before `position`
+    assert not _chi_square_rejects(samples, p)
+    return out
+
+
 @pytest.mark.parametrize("accept_rule", ["exact", "match"])
 def test_speculative_sampling_keeps_the_ar_distribution(accept_rule):
     """The 2nd token (the first one a spec cycle decides) follows the AR marginal.
@@ -140,15 +158,8 @@ def test_speculative_sampling_keeps_the_ar_distribution(accept_rule):
     self-spec is not (significance 1e-3, 6000 samples, fixed seed).
     """
     model = _model(eos=127, lora=True, head_scale=8.0)
-    prompt, temperature = [3, 14, 15, 92], 1.0
-    p, q = _first_two_token_marginals(model, prompt, temperature, lora_on=True)
-    draft_like = np.random.default_rng(0).choice(p.size, 6000, p=q / q.sum())
-    assert _chi_square_rejects(draft_like, p), "the test cannot tell drafts from AR samples"
-    out = nld_jax.generate(model, [prompt] * 6000, mode="self_spec", max_new_tokens=2,
-                           temperature=temperature, block_size=4, seed=5,
-                           accept_rule=accept_rule)
-    second = np.array([t[1] for t in out.tokens if len(t) > 1])
-    assert not _chi_square_rejects(second, p)
+    p, q = _first_two_token_marginals(model, SAMPLED_PROMPT, 1.0, lora_on=True)
+    out = _check_sampled_token(model, "self_spec", 1, p, q, seed=5, accept_rule=accept_rule)
     if accept_rule == "exact":
         assert out.stats["mean_accepted"] > 0.2  # drafts were really accepted along the way
 
@@ -197,15 +208,8 @@ def test_quadratic_sampling_keeps_the_ar_distribution(accept_rule):
     marginal are rejected. Significance 1e-3, 6000 samples, fixed seed.
     """
     model = _model(eos=127, lora=True, head_scale=8.0)
-    prompt, temperature = [3, 14, 15, 92], 1.0
-    p, q = _third_token_marginals(model, prompt, temperature)
-    draft_like = np.random.default_rng(0).choice(p.size, 6000, p=q / q.sum())
-    assert _chi_square_rejects(draft_like, p), "the test cannot tell drafts from AR samples"
-    out = nld_jax.generate(model, [prompt] * 6000, mode="self_spec_quadratic", max_new_tokens=3,
-                           temperature=temperature, block_size=4, seed=7,
-                           accept_rule=accept_rule)
-    third = np.array([t[2] for t in out.tokens if len(t) > 2])
-    assert third.size > 5000
-    assert not _chi_square_rejects(third, p)
+    p, q = _third_token_marginals(model, SAMPLED_PROMPT, 1.0)
+    out = _check_sampled_token(model, "self_spec_quadratic", 2, p, q, seed=7,
+                               accept_rule=accept_rule)
     histogram = out.stats["accepted_histogram"]
     assert histogram[0] > 0 and sum(histogram[1:]) > 0  # both draft sources decided some rows

@@ -71,6 +71,10 @@ def test_forward_counts_and_stats():
                                  max_new_tokens=10, block_size=4)
     assert quadratic.tokens == out.tokens
     assert quadratic.num_forwards == quadratic.stats["cycles"] + 1
+    # The prefill's token used the whole budget: no bootstrap forward runs or is counted.
+    only_prefill = nld_jax.generate(model, [[1, 2, 3]], mode="self_spec_quadratic",
+                                    max_new_tokens=1, block_size=4)
+    assert only_prefill.num_forwards == 0 and only_prefill.tokens == [out.tokens[0][:1]]
 
 
 def test_quadratic_block_layout():

@@ -78,11 +78,18 @@ def init(model: NLDModel, sampler: Sampler, cache: KVCache, seed: jax.Array, out
     first drafts (counted as a forward)."""
     rng, draft_key = jax.random.split(rng)
     core = self_spec.init(cache, seed, out_len, budget, rng, settings)
-    draft_logits = self_spec.draft_block(model, cache, seed, settings.mask_token_id,
-                                         settings.block_size)
-    active = (~core.finished).astype(jnp.int32)
-    core = dataclasses.replace(core, num_forwards=core.num_forwards + 1,
-                               row_forwards=core.row_forwards + active)
+
+    def bootstrap() -> jax.Array:
+        return self_spec.draft_block(model, cache, seed, settings.mask_token_id,
+                                     settings.block_size)
+
+    def nothing() -> jax.Array:  # every row ended at the prefill: no forward to count
+        return jnp.zeros(jax.eval_shape(bootstrap).shape, jnp.float32)
+
+    ran = jnp.any(~core.finished)
+    draft_logits = jax.lax.cond(ran, bootstrap, nothing)
+    core = dataclasses.replace(core, num_forwards=core.num_forwards + ran.astype(jnp.int32),
+                               row_forwards=core.row_forwards + (~core.finished).astype(jnp.int32))
     return State(core=core, drafts=sampler(draft_logits, draft_key), draft_logits=draft_logits)
 
 

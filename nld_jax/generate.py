@@ -271,6 +271,11 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
             raise ValueError(f"denoise_steps={steps!r} must be an integer in [1, {block=}]")
     else:
         steps = 1
+    if mode == "self_spec_quadratic" and getattr(model, "attention_impl", "auto") == "pallas":
+        raise NotImplementedError(
+            "mode='self_spec_quadratic' attends with an explicit block pattern, which the Pallas "
+            "attention kernel does not take; set model.attention_impl to 'auto' (kernels where "
+            "they apply, XLA for that pattern) or 'xla'")
     if accept_rule not in self_spec.ACCEPT_RULES:
         raise ValueError(f"unknown {accept_rule=}; expected one of {self_spec.ACCEPT_RULES}")
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)

@@ -183,9 +183,13 @@ class TestGPU:
         prompts = [[1, 2, 3, 4, 5], list(range(10, 60))]
         outputs = {}
         for impl in ("xla", "pallas"):
-            model.attention_impl = impl
-            outputs[impl] = [nld_jax.generate(model, prompts, mode=mode, max_new_tokens=32)
-                             for mode in ("ar", "diffusion", "self_spec")]
+            outputs[impl] = []
+            for mode in nld_jax.MODES:
+                # Quadratic's explicit pattern is XLA-only: "auto" runs the kernels elsewhere.
+                quadratic = mode == "self_spec_quadratic"
+                model.attention_impl = "auto" if impl == "pallas" and quadratic else impl
+                outputs[impl].append(nld_jax.generate(model, prompts, mode=mode,
+                                                      max_new_tokens=32))
         # bf16: compare the distribution of agreement (near-ties may flip a token late).
         for xla_out, pallas_out in zip(outputs["xla"], outputs["pallas"], strict=True):
             for a, b in zip(xla_out.tokens, pallas_out.tokens, strict=True):

@@ -53,9 +53,9 @@ def main() -> None:
     prompts = [prompt] * args.batch
     print(f"model {args.model} ({model.config.num_parameters / 1e6:.1f}M parameters), batch "
           f"{args.batch}, {args.max_new_tokens} new tokens, median of {args.repeats}")
-    print(f"{'mode':10s} {'callbacks':>9s} {'plain ms':>9s} {'stream ms':>10s} {'cost':>7s} "
+    print(f"{'mode':19s} {'callbacks':>9s} {'plain ms':>9s} {'stream ms':>10s} {'cost':>7s} "
           f"{'us/callback':>12s}")
-    for mode in ("ar", "diffusion", "self_spec"):
+    for mode in nld_jax.MODES:
         kwargs = dict(mode=mode, max_new_tokens=args.max_new_tokens, eos_token_ids=[args.eos])
         calls: list[list[list[int]]] = []
         nld_jax.generate(model, prompts, stream=calls.append, **kwargs)
@@ -63,7 +63,7 @@ def main() -> None:
         streamed = _median_seconds(model, prompts, args.repeats, stream=_ignore, **kwargs)
         cost = (streamed - plain) / plain
         per_call = (streamed - plain) / len(calls) * 1e6
-        print(f"{mode:10s} {len(calls):9d} {plain * 1e3:9.1f} {streamed * 1e3:10.1f} "
+        print(f"{mode:19s} {len(calls):9d} {plain * 1e3:9.1f} {streamed * 1e3:10.1f} "
               f"{cost:+7.1%} {per_call:12.0f}")
 
 

@@ -24,9 +24,6 @@ from nld_jax.tokenizer import Tokenizer
 
 __all__ = ["main", "stream_text", "StreamResult", "OneLineParser", "UsageError"]
 
-_STREAMED_MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
-
-
 class UsageError(Exception):
     """Bad command-line input: reported in one line with exit status 2."""
 
@@ -117,9 +114,9 @@ def _parser() -> OneLineParser:
     parser = OneLineParser(prog="nld-generate",
                            description="Generate with an NLD checkpoint, streaming the text.")
     parser.add_argument("model", help="checkpoint directory (Hugging Face layout or nld-convert "
-                                      "Orbax output) with tokenizer files")
+                                      "Orbax output) with tokenizer files, or a Hub repo id")
     parser.add_argument("prompt", help="the prompt text")
-    parser.add_argument("--mode", default="self_spec", choices=_STREAMED_MODES)
+    parser.add_argument("--mode", default="self_spec", choices=nld_jax.MODES)
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as one user turn with the chat template")
     parser.add_argument("--thinking", action="store_true",

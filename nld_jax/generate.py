@@ -271,7 +271,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
             raise ValueError(f"denoise_steps={steps!r} must be an integer in [1, {block=}]")
     else:
         steps = 1
-    if mode == "self_spec_quadratic" and getattr(model, "attention_impl", "auto") == "pallas":
+    if mode == "self_spec_quadratic" and model.attention_impl == "pallas":
         raise NotImplementedError(
             "mode='self_spec_quadratic' attends with an explicit block pattern, which the Pallas "
             "attention kernel does not take; set model.attention_impl to 'auto' (kernels where "
@@ -305,12 +305,11 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
     written = {"ar": 0, "self_spec_quadratic": block * (block + 1)}.get(mode, block)
     rounding = 0 if mode == "ar" else -(-out_bucket // block) * block - out_bucket
     out_len = out_bucket + rounding + (0 if mode == "ar" else block)
-    # Slots in whole 64-key tiles, as the attention kernel reads them.
-    capacity = -(-(prompt_bucket + out_bucket + rounding + written) // 64) * 64
+    capacity = prompt_bucket + out_bucket + rounding + written
     if max_cache_len is not None:
         # The prefill writes the whole padded prompt, and a block may be written past the end.
         capacity = max(max_cache_len + written, prompt_bucket)
-        capacity = -(-capacity // 64) * 64
+    capacity = -(-capacity // 64) * 64  # whole 64-key tiles, as the attention kernel reads them
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row

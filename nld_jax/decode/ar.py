@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.cache import KVCache
-from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
+from nld_jax.decode.common import Budget, Sampler, Stream, emit, run_loop
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos
 
@@ -66,11 +66,4 @@ def done(state: State) -> jax.Array:
 def run(model: NLDModel, sampler: Sampler, budget: Budget, state: State,
         stream: Stream | None = None) -> State:
     """Steps until every row has finished; with `stream`, sends every token to the host."""
-    notify(stream, state)  # the prefill's token
-
-    def body(state: State) -> State:
-        state = step(model, sampler, budget, state)
-        notify(stream, state)
-        return state
-
-    return jax.lax.while_loop(lambda s: ~done(s), body, state)
+    return run_loop(lambda s: step(model, sampler, budget, s), done, state, stream)

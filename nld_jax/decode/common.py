@@ -14,7 +14,7 @@ from jax.experimental import io_callback
 
 from nld_jax.sampling import filter_logits, sample_tokens
 
-__all__ = ["Sampler", "Budget", "Stream", "emit", "notify", "register_stream",
+__all__ = ["Sampler", "Budget", "Stream", "emit", "notify", "run_loop", "register_stream",
            "unregister_stream"]
 
 # Host handlers of streaming generate() calls, by stream id. The compiled program holds only
@@ -106,3 +106,20 @@ def notify(stream: Stream | None, state: Any) -> None:
         return
     # ordered: the host sees the buffers in loop order, so counts only grow.
     io_callback(_deliver, None, stream.stream_id, state.tokens, state.num_tokens, ordered=True)
+
+
+def run_loop[S](step: Callable[[S], S], done: Callable[[S], jax.Array], state: S,
+                stream: Stream | None, emitted: Callable[[S], Any] = lambda state: state) -> S:
+    """A mode's decode loop: `step` until `done`, as one lax.while_loop.
+
+    With `stream`, `emitted(state)` (whatever holds .tokens and .num_tokens) goes to the host
+    when the loop starts (the prefill's token) and after every step.
+    """
+    notify(stream, emitted(state))
+
+    def body(state: S) -> S:
+        state = step(state)
+        notify(stream, emitted(state))
+        return state
+
+    return jax.lax.while_loop(lambda s: ~done(s), body, state)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.cache import KVCache
-from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
+from nld_jax.decode.common import Budget, Sampler, Stream, emit, run_loop
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos
 from nld_jax.step_kernels import greedy_commit
@@ -182,11 +182,4 @@ def run(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
         state: State, stream: Stream | None = None) -> State:
     """Blocks until every row has finished; with `stream`, sends every block to the host."""
     state = _stop_on_eos_seed(state, budget, settings)
-    notify(stream, state)  # a seed that was EOS
-
-    def body(state: State) -> State:
-        state = step(model, sampler, budget, settings, state)
-        notify(stream, state)
-        return state
-
-    return jax.lax.while_loop(lambda s: ~done(s), body, state)
+    return run_loop(lambda s: step(model, sampler, budget, settings, s), done, state, stream)

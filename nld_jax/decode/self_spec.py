@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.cache import KVCache
-from nld_jax.decode.common import Budget, Sampler, Stream, emit, notify
+from nld_jax.decode.common import Budget, Sampler, Stream, emit, run_loop
 from nld_jax.model import NLDModel
 from nld_jax.sampling import is_eos, leading_run
 from nld_jax.step_kernels import greedy_verify
@@ -132,7 +132,7 @@ def commit(state: State, cache: KVCache, drafts: jax.Array, accepted: jax.Array,
            bonus: jax.Array, budget: Budget, rng: jax.Array, forwards: int) -> State:
     """Emits the accepted drafts and the bonus, advances the cache past them (the rest of the
     written block stays invalid: the rollback) and counts `forwards` for the cycle."""
-    b, size = drafts.shape
+    size = drafts.shape[1]
     active = ~state.finished
     positions = jnp.arange(size)[None, :]
     next_drafts = jnp.concatenate([drafts[:, 1:], drafts[:, -1:]], axis=1)
@@ -181,11 +181,4 @@ def done(state: State) -> jax.Array:
 def run(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
         state: State, stream: Stream | None = None) -> State:
     """Cycles until every row has finished; with `stream`, sends each cycle's tokens to the host."""
-    notify(stream, state)  # the prefill's token
-
-    def body(state: State) -> State:
-        state = step(model, sampler, budget, settings, state)
-        notify(stream, state)
-        return state
-
-    return jax.lax.while_loop(lambda s: ~done(s), body, state)
+    return run_loop(lambda s: step(model, sampler, budget, settings, s), done, state, stream)

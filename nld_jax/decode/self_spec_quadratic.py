@@ -34,7 +34,7 @@ import numpy as np
 
 from nld_jax.cache import KVCache
 from nld_jax.decode import self_spec
-from nld_jax.decode.common import Budget, Sampler, Stream, notify
+from nld_jax.decode.common import Budget, Sampler, Stream, run_loop
 from nld_jax.model import NLDModel
 
 __all__ = ["State", "init", "step", "done", "run", "block_layout"]
@@ -84,7 +84,8 @@ def init(model: NLDModel, sampler: Sampler, cache: KVCache, seed: jax.Array, out
                                      settings.block_size)
 
     def nothing() -> jax.Array:  # every row ended at the prefill: no forward to count
-        return jnp.zeros(jax.eval_shape(bootstrap).shape, jnp.float32)
+        return jnp.zeros((seed.shape[0], settings.block_size, model.config.vocab_size),
+                         jnp.float32)
 
     ran = jnp.any(~core.finished)
     draft_logits = jax.lax.cond(ran, bootstrap, nothing)
@@ -128,11 +129,5 @@ def done(state: State) -> jax.Array:
 def run(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
         state: State, stream: Stream | None = None) -> State:
     """Cycles until every row has finished; with `stream`, sends each cycle's tokens to the host."""
-    notify(stream, state.core)  # the prefill's token
-
-    def body(state: State) -> State:
-        state = step(model, sampler, budget, settings, state)
-        notify(stream, state.core)
-        return state
-
-    return jax.lax.while_loop(lambda s: ~done(s), body, state)
+    return run_loop(lambda s: step(model, sampler, budget, settings, s), done, state, stream,
+                    emitted=lambda s: s.core)

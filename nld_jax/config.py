@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["NLDConfig", "ConfigError"]
+__all__ = ["NLDConfig", "ConfigError", "VisionConfig", "MultimodalConfig"]
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,111 @@ class ConfigError(ValueError):
 
 _ROPE_TYPES = ("yarn", "default")
 _DLM_PARADIGMS = ("bidirectional", "autoregressive", "block_diff")
+VLM_ARCHITECTURE = "NemotronLabsDiffusionVLMModel"
+# The projector's activation: transformers' "gelu" is the exact (erf) GELU; the spec assumes it
+# (open question 5), "gelu_pytorch_tanh" is the tanh approximation.
+_PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh")
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...], fail: Any) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail(f"{name}={value!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The Pixtral vision tower (the checkpoint's `vision_config`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    head_dim: int = 64
+    patch_size: int = 14
+    num_channels: int = 3
+    image_size: int = 1540
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(f"vision_config: {msg}")
+
+        _positive_ints(self, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "head_dim", "patch_size", "num_channels",
+                              "image_size"), fail)
+        if self.head_dim % 4:
+            fail(f"head_dim={self.head_dim} must be a multiple of 4 (2D RoPE: rows and columns)")
+        if not self.rope_theta > 1.0:
+            fail(f"rope_theta={self.rope_theta} must be > 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalConfig:
+    """The VLM's vision tower, projector and image tokens (spec/vlm.md sections 1, 5, 6).
+
+    Values the spec marks as guesses are fields with the guess as default: the image token ids,
+    `max_image_size`, the RGBA background, the projector's GELU, `vision_feature_layer`.
+    """
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    spatial_merge_size: int = 2
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -1
+    image_token_id: int = 19
+    image_start_token_id: int = 18
+    image_break_token_id: int = 20
+    image_end_token_id: int = 21
+    max_image_size: int = 1400
+    image_background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(f"multimodal config: {msg}")
+
+        if self.spatial_merge_size != 2:
+            fail(f"spatial_merge_size={self.spatial_merge_size} is not supported (expected 2)")
+        if self.projector_hidden_act not in _PROJECTOR_ACTS:
+            fail(f"projector_hidden_act={self.projector_hidden_act!r} is not one of "
+                 f"{_PROJECTOR_ACTS}")
+        layers = self.vision.num_hidden_layers
+        if not -(layers + 1) <= self.vision_feature_layer <= layers:
+            fail(f"vision_feature_layer={self.vision_feature_layer} is outside "
+                 f"[-{layers + 1}, {layers}] (hidden states of {layers} layers)")
+        ids = [self.image_token_id, self.image_start_token_id, self.image_break_token_id,
+               self.image_end_token_id]
+        if len(set(ids)) != 4:
+            fail(f"image token ids {ids} (pad, start, break, end) must be distinct")
+        bg = self.image_background
+        if len(bg) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in bg):
+            fail(f"image_background={bg!r} must be three integers in [0, 255]")
+        if self.max_image_size < self.token_pixels:
+            fail(f"max_image_size={self.max_image_size} must be >= {self.token_pixels}")
+
+    @property
+    def token_pixels(self) -> int:
+        """Side in pixels of one image token: patch x merge (28)."""
+        return self.vision.patch_size * self.spatial_merge_size
+
+    def num_parameters(self, text_hidden_size: int) -> int:
+        """Tower + projector parameter count (the projector ends at the text width)."""
+        v = self.vision
+        dv, patch = v.hidden_size, v.num_channels * v.patch_size ** 2
+        per_layer = 4 * dv * v.num_attention_heads * v.head_dim + 3 * dv * v.intermediate_size \
+            + 2 * dv
+        tower = patch * dv + dv + v.num_hidden_layers * per_layer
+        merge = self.spatial_merge_size ** 2
+        projector = dv + merge * dv * dv + dv * text_hidden_size + text_hidden_size ** 2
+        return tower + projector
+
+    @property
+    def vision_layers_run(self) -> int:
+        """How many tower layers produce hidden_states[vision_feature_layer]."""
+        layers = self.vision.num_hidden_layers
+        k = self.vision_feature_layer
+        return k if k >= 0 else layers + 1 + k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +160,8 @@ class NLDConfig:
     mask_token_id: int = 100
     block_size: int = 32
     dlm_paradigm: str = "bidirectional"
+    # The VLM's vision tower and projector; None for a text-only model.
+    multimodal: MultimodalConfig | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +209,13 @@ class NLDConfig:
                          f"[0, vocab_size={self.vocab_size})")
         if self.dlm_paradigm not in _DLM_PARADIGMS:
             fail(f"dlm_paradigm={self.dlm_paradigm!r} is not one of {_DLM_PARADIGMS}")
+        if self.multimodal is not None:
+            mm = self.multimodal
+            for name in ("image_token_id", "image_start_token_id", "image_break_token_id",
+                         "image_end_token_id"):
+                token = getattr(mm, name)
+                if not 0 <= token < self.vocab_size:
+                    fail(f"{name}={token} must be a token id in [0, vocab_size={self.vocab_size})")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -136,7 +250,8 @@ class NLDConfig:
         d, n, k, h, f, v = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
                             self.head_dim, self.intermediate_size, self.vocab_size)
         per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d
-        return self.num_hidden_layers * per_layer + 2 * v * d + d
+        text = self.num_hidden_layers * per_layer + 2 * v * d + d
+        return text + (0 if self.multimodal is None else self.multimodal.num_parameters(d))
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -210,6 +325,7 @@ class NLDConfig:
         if llama4_beta is not None and rope_type != "yarn":
             fail("llama_4_scaling_beta needs original_max_position_embeddings (a yarn rope)")
 
+        multimodal = _multimodal_from_dict(raw, fail) if _is_vlm(raw) else None
         eos = required("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
         hidden = required("hidden_size")
@@ -234,6 +350,7 @@ class NLDConfig:
                 mask_token_id=required("mask_token_id"),
                 block_size=raw.get("block_size", 32),
                 dlm_paradigm=raw.get("dlm_paradigm", "bidirectional"),
+                multimodal=multimodal,
                 **yarn,
             )
         except ConfigError as e:
@@ -254,7 +371,7 @@ class NLDConfig:
                 rope["attention_factor"] = self.attention_factor
         if self.llama_4_scaling_beta is not None:
             rope["llama_4_scaling_beta"] = self.llama_4_scaling_beta
-        return {
+        out = {
             "architectures": ["NemotronLabsDiffusionModel"],
             "model_type": "nemotron_labs_diffusion",
             "hidden_act": "silu",
@@ -278,6 +395,9 @@ class NLDConfig:
             "torch_dtype": "bfloat16",
             "rope_parameters": rope,
         }
+        if self.multimodal is not None:
+            out.update(_multimodal_to_dict(self.multimodal))
+        return out
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Writes the released `config.json` layout to `path`."""
@@ -288,10 +408,100 @@ class NLDConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> NLDConfig:
-        """A released size ("3B", "8B", "14B") or "tiny" (a test-sized network)."""
+        """A released size ("3B", "8B", "14B", "VLM-8B") or "tiny" (a test-sized network)."""
         if name not in _PRESETS:
             raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
         return dataclasses.replace(_PRESETS[name], **overrides)
+
+
+def _is_vlm(raw: dict[str, Any]) -> bool:
+    return (VLM_ARCHITECTURE in (raw.get("architectures") or [])
+            or raw.get("model_type") == "nemotron_labs_diffusion_vlm" or "vision_config" in raw)
+
+
+def _multimodal_from_dict(raw: dict[str, Any], fail: Any) -> MultimodalConfig:
+    """The VLM fields: the nested `vision_config` and the projector/image-token fields at the root.
+
+    The released model code uses the class constant IMAGE_TOKEN_ID = 19, so a config's
+    `image_token_index` (Mistral3's name, possibly 10) is ignored; our own `image_token_id`,
+    `image_*_token_id` and `max_image_size` fields override the defaults.
+    """
+    vision = raw.get("vision_config")
+    if not isinstance(vision, dict):
+        fail("a VLM config needs a 'vision_config' object")
+    if vision.get("hidden_act", "silu") != "silu":
+        fail(f"vision_config.hidden_act={vision['hidden_act']!r} is not supported (Pixtral: silu)")
+    rope = vision.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") not in ("default", "axial"):
+        fail(f"vision_config.rope_parameters.rope_type={rope['rope_type']!r}: the tower's 2D "
+             "RoPE is 'default' (transformers calls it 'axial')")
+    if raw.get("multimodal_projector_bias"):
+        fail("multimodal_projector_bias=true is not supported (the projector has no biases)")
+    feature_layer = raw.get("vision_feature_layer", -1)
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        fail(f"vision_feature_layer={feature_layer!r} must be one integer")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "patch_size"):
+        if key not in vision:
+            fail(f"missing required field 'vision_config.{key}'")
+    try:
+        heads = vision["num_attention_heads"]
+        tower = VisionConfig(
+            hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"],
+            num_hidden_layers=vision["num_hidden_layers"],
+            num_attention_heads=heads,
+            head_dim=vision.get("head_dim") or vision["hidden_size"] // max(heads, 1),
+            patch_size=vision["patch_size"],
+            num_channels=vision.get("num_channels", 3),
+            image_size=vision.get("image_size", 1540),
+            rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))),
+        )
+        defaults = MultimodalConfig()
+        return MultimodalConfig(
+            vision=tower,
+            spatial_merge_size=raw.get("spatial_merge_size", 2),
+            projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
+            vision_feature_layer=feature_layer,
+            image_token_id=raw.get("image_token_id", defaults.image_token_id),
+            image_start_token_id=raw.get("image_start_token_id", defaults.image_start_token_id),
+            image_break_token_id=raw.get("image_break_token_id", defaults.image_break_token_id),
+            image_end_token_id=raw.get("image_end_token_id", defaults.image_end_token_id),
+            max_image_size=raw.get("max_image_size", defaults.max_image_size),
+            image_background=tuple(raw.get("image_background", defaults.image_background)),
+        )
+    except ConfigError as e:
+        fail(str(e))
+        raise  # unreachable
+    except (TypeError, ValueError) as e:
+        fail(f"bad vision field value ({e})")
+        raise  # unreachable
+
+
+def _multimodal_to_dict(mm: MultimodalConfig) -> dict[str, Any]:
+    v = mm.vision
+    return {
+        "architectures": [VLM_ARCHITECTURE],
+        "model_type": "nemotron_labs_diffusion_vlm",
+        "vision_config": {
+            "model_type": "pixtral", "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads, "head_dim": v.head_dim,
+            "patch_size": v.patch_size, "num_channels": v.num_channels,
+            "image_size": v.image_size, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+        },
+        "spatial_merge_size": mm.spatial_merge_size,
+        "projector_hidden_act": mm.projector_hidden_act,
+        "multimodal_projector_bias": False,
+        "vision_feature_layer": mm.vision_feature_layer,
+        "image_token_id": mm.image_token_id,
+        "image_start_token_id": mm.image_start_token_id,
+        "image_break_token_id": mm.image_break_token_id,
+        "image_end_token_id": mm.image_end_token_id,
+        "max_image_size": mm.max_image_size,
+        "image_background": list(mm.image_background),
+    }
 
 
 _COMMON: dict[str, Any] = dict(vocab_size=131072, num_attention_heads=32, num_key_value_heads=8,
@@ -301,6 +511,8 @@ _PRESETS: dict[str, NLDConfig] = {
     "8B": NLDConfig(hidden_size=4096, num_hidden_layers=34, intermediate_size=14336, **_COMMON),
     "14B": NLDConfig(hidden_size=5120, num_hidden_layers=40, intermediate_size=16384,
                      rope_theta=1e9, **_COMMON),
+    "VLM-8B": NLDConfig(hidden_size=4096, num_hidden_layers=34, intermediate_size=14336,
+                        multimodal=MultimodalConfig(), **_COMMON),
     "tiny": NLDConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
                       max_position_embeddings=4096, original_max_position_embeddings=256,

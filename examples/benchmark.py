@@ -109,7 +109,7 @@ def kernel_timings(repeats: int) -> list[dict]:
     key = jax.random.key(0)
     for tokens, slots in ((1, 8192), (32, 8192), (32, 1024)):
         q = jax.random.normal(key, (1, tokens, 32, 128), jnp.bfloat16)
-        kv = jax.random.normal(key, (1, slots, 8, 128), jnp.bfloat16)
+        kv = jax.random.normal(key, (1, 1, slots, 8, 128), jnp.bfloat16)  # [L, B, S, K, H]
         own = jax.random.normal(key, (1, tokens, 8, 128), jnp.bfloat16)
         lengths = jnp.array([slots - 64])
         args = (q, kv, kv, lengths, own, own, True)

@@ -85,7 +85,9 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *,
     if resolve_impl(impl, q, k_prefix, block_mask) == "pallas":
         from pallas_kernels.block_attention import block_attention
 
-        return block_attention(q, k_prefix, v_prefix, prefix_lengths, k_block, v_block, causal)
+        # The kernel reads the stacked [L, B, S, K, H] cache; this layer's cache is L = 1.
+        return block_attention(q, k_prefix[None], v_prefix[None], prefix_lengths, k_block,
+                               v_block, causal)
     b, t, n, h = q.shape
     kv_heads = k_block.shape[2]
     if n % kv_heads:

@@ -4,18 +4,24 @@ One kernel serves every decoding forward: T = 1 (AR decode), T = block size (den
 verify, commit) and larger T (prefill). Design, for Hopper (sm_90a):
 
 - GQA folding: the G query heads of one KV head and the T tokens are the rows of one matrix
-  (row r = t * G + g), so 4 heads x 32 tokens fill a 128-row wgmma tile and each K/V tile is
-  read once per KV head instead of once per query head.
-- The prefix is the cache [B, S, K, H] with a per-row valid length; only its first
-  cdiv(length, block_kv) tiles are read (rows past the valid length are never read, only the
-  tail of the last tile is masked). The block's own K/V come last, with the in-block pattern
-  (causal or bidirectional) chosen at run time by a flag in the metadata array, so one compiled
-  kernel serves both.
+  (row r = t * G + g), so 4 heads x 32 tokens fill a 128-row tile and each K/V tile is read
+  once per KV head instead of once per query head.
+- One consumer warpgroup per 64 rows of the tile (two for a 128-row tile), each with its own
+  64 x H float32 accumulator: a single warpgroup holding a 128-row accumulator needs more than
+  the 255 registers a thread has and spills (ptxas, sm_90a). Warpgroup 0 issues the TMA copies;
+  a K/V slot is refilled only after every warpgroup has arrived on its "consumed" barrier.
+- The cache is the model's stacked [L, B, S, K, H] with the layer a traced index, so the
+  layer-scanned model passes the whole cache and never slices it. Only the first
+  cdiv(length, block_kv) tiles of a row are read (the tail of the last tile is masked). The
+  block's own K/V come last, with the in-block pattern (causal or bidirectional) chosen at run
+  time by a flag, so one compiled kernel serves both.
+- Per-call scalars (lengths, causal flag, layer) are read from global memory, not staged in
+  dynamically indexed shared memory (ptxas could not bound that index and reported a potential
+  out-of-bound access).
 - Flash-decoding: the prefix tiles are split across `num_splits` thread blocks; each writes an
   unnormalised partial output with its running max and sum, and a small XLA combine merges them.
-- bf16 inputs, f32 accumulation (wgmma), online softmax in f32.
-
-Every K/V tile is double-buffered: the TMA copy of tile i+1 is issued before tile i is used.
+- bf16 inputs, f32 accumulation (wgmma), online softmax in f32. Every K/V tile is
+  double-buffered: the copy of tile i+1 is issued before tile i is used.
 """
 
 from __future__ import annotations
@@ -29,27 +35,34 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["TuningConfig", "block_attention", "default_config", "SMEM_LIMIT_BYTES"]
+__all__ = ["TuningConfig", "block_attention", "default_config", "unsupported_reason",
+           "hbm_traffic", "SMEM_LIMIT_BYTES"]
 
 SMEM_LIMIT_BYTES = 227 * 1024  # H100: 232,448 bytes of shared memory per thread block
-_META_ALIGN = 32  # metadata copies are padded to 128 bytes (TMA dislikes tiny copies)
+_WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
+_META_ALIGN = 32  # the metadata array is padded to 128 bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
     """Tile sizes of the kernel; validated on construction."""
 
-    block_q: int = 128  # rows (T*G folded) per thread block: 64 or 128 (one wgmma M tile)
+    block_q: int = 128  # rows (T*G folded) per thread block: 64 or 128 (one warpgroup per 64)
     block_kv: int = 64  # keys per tile
     num_splits: int = 1  # prefix splits across thread blocks (flash-decoding)
 
     def __post_init__(self) -> None:
         if self.block_q not in (64, 128):
-            raise ValueError(f"{self.block_q=} must be 64 or 128 (a wgmma M tile)")
+            raise ValueError(f"{self.block_q=} must be 64 or 128 (one or two warpgroups)")
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"{self.block_kv=} must be a multiple of 64 in [64, 256]")
         if self.num_splits < 1:
             raise ValueError(f"{self.num_splits=} must be >= 1")
+
+    @property
+    def warpgroups(self) -> int:
+        """Consumer warpgroups per thread block (64 rows each)."""
+        return self.block_q // _WG_ROWS
 
     def smem_bytes(self, head_dim: int) -> int:
         """Shared memory the kernel allocates at this head_dim (bf16 tiles, f32 output)."""
@@ -57,7 +70,7 @@ class TuningConfig:
         kv = 2 * 2 * self.block_kv * head_dim * 2  # K and V, two slots each
         p = self.block_q * self.block_kv * 2
         out = self.block_q * head_dim * 4 + 2 * self.block_q * 4
-        return q + kv + p + out + _META_ALIGN * 4
+        return q + kv + p + out
 
 
 def default_config(rows: int, slots: int) -> TuningConfig:
@@ -70,26 +83,47 @@ def default_config(rows: int, slots: int) -> TuningConfig:
                         num_splits=max(1, min(16, slots // 1024)))
 
 
+def unsupported_reason(q: jax.Array | jax.ShapeDtypeStruct,
+                       k_cache: jax.Array | jax.ShapeDtypeStruct | None) -> str | None:
+    """Why the kernel cannot serve queries `q` [B, T, N, H] against `k_cache` [L, B, S, K, H].
+
+    The single statement of the kernel's applicability: the model's kernel choice and the
+    kernel's own checks both use it. None when the kernel applies.
+    """
+    if k_cache is None:
+        return "there is no KV cache (a full-sequence forward)"
+    if q.dtype != jnp.bfloat16 or k_cache.dtype != jnp.bfloat16:
+        return f"the kernel takes bfloat16 q and cache, got {q.dtype} and {k_cache.dtype}"
+    h = q.shape[-1]
+    if h % 64:
+        return f"head_dim={h} is not a multiple of 64 (the 128-byte swizzle)"
+    if k_cache.ndim != 5:
+        return f"the cache {k_cache.shape} is not stacked [L, B, S, K, H]"
+    if k_cache.shape[2] % 64:
+        return f"cache slots S={k_cache.shape[2]} are not a multiple of 64"
+    return None
+
+
 def _check(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
            k_block: jax.Array, v_block: jax.Array, config: TuningConfig) -> None:
+    if (reason := unsupported_reason(q, k_cache)) is not None:
+        raise NotImplementedError(f"block_attention cannot run: {reason}")
     b, t, n, h = q.shape
-    if q.dtype != jnp.bfloat16 or k_cache.dtype != jnp.bfloat16 or k_block.dtype != jnp.bfloat16:
-        raise NotImplementedError(f"block_attention takes bfloat16 q/k/v, got {q.dtype=}, "
-                                  f"{k_cache.dtype=}, {k_block.dtype=}")
-    if h % 64:
-        raise NotImplementedError(f"{h=} (head_dim) must be a multiple of 64 (128-byte swizzle)")
-    if k_cache.ndim != 4 or k_cache.shape[0] != b or k_cache.shape[3] != h:
-        raise ValueError(f"k_cache {k_cache.shape} must be [B={b}, S, K, H={h}]")
+    if k_block.dtype != jnp.bfloat16 or v_block.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"block_attention takes bfloat16 k/v blocks, got "
+                                  f"{k_block.dtype=}, {v_block.dtype=}")
+    if k_cache.shape[1] != b or k_cache.shape[4] != h:
+        raise ValueError(f"k_cache {k_cache.shape} must be [L, B={b}, S, K, H={h}]")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"{v_cache.shape=} must equal {k_cache.shape=}")
-    kv = k_cache.shape[2]
+    kv = k_cache.shape[3]
     if n % kv:
         raise ValueError(f"query heads {n=} must be a multiple of KV heads {kv=}")
     if k_block.shape != (b, t, kv, h) or v_block.shape != k_block.shape:
         raise ValueError(f"k_block {k_block.shape} / v_block {v_block.shape} must be "
                          f"[B={b}, T={t}, K={kv}, H={h}]")
-    if k_cache.shape[1] % config.block_kv:
-        raise ValueError(f"cache slots S={k_cache.shape[1]} must be a multiple of "
+    if k_cache.shape[2] % config.block_kv:
+        raise ValueError(f"cache slots S={k_cache.shape[2]} must be a multiple of "
                          f"{config.block_kv=}")
     if lengths.shape != (b,):
         raise ValueError(f"{lengths.shape=} must be ({b},)")
@@ -100,26 +134,29 @@ def _check(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Ar
 
 def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                     k_block: jax.Array, v_block: jax.Array, causal: jax.Array | bool,
-                    config: TuningConfig | None = None,
+                    layer: jax.Array | int = 0, config: TuningConfig | None = None,
                     interpret: plgpu.InterpretGPUParams | None = None) -> jax.Array:
-    """Attention of a block against [cache[:lengths] ++ block] on Hopper.
+    """Attention of a block against [cache[layer, :, :lengths] ++ block] on Hopper.
 
     Args:
       q: bf16 [B, T, N, H] queries (rotated; the softmax scale H**-0.5 is applied here).
-      k_cache, v_cache: bf16 [B, S, K, H]; S a multiple of config.block_kv.
+      k_cache, v_cache: bf16 [L, B, S, K, H] the stacked cache; S a multiple of block_kv.
       lengths: int32 [B] valid cache length per row.
       k_block, v_block: bf16 [B, T, K, H] the block's own keys and values.
       causal: bool (may be traced): in-block causal if True, else bidirectional.
-      config: tile sizes (default TuningConfig()).
+      layer: int32 scalar (may be traced): the cache layer to read.
+      config: tile sizes (default `default_config`).
       interpret: Mosaic-GPU interpreter parameters to run on CPU (tests), None on the GPU.
     Returns:
       bf16 [B, T, N, H].
     """
-    config = config or default_config(q.shape[1] * (q.shape[2] // k_cache.shape[2]),
-                                      k_cache.shape[1])
+    if (reason := unsupported_reason(q, k_cache)) is not None:
+        raise NotImplementedError(f"block_attention cannot run: {reason}")
+    config = config or default_config(q.shape[1] * (q.shape[2] // k_cache.shape[3]),
+                                      k_cache.shape[2])
     _check(q, k_cache, v_cache, lengths, k_block, v_block, config)
     b, t, n, h = q.shape
-    kv = k_cache.shape[2]
+    kv = k_cache.shape[3]
     g = n // kv
     rows = t * g
     m_pad = -(-rows // config.block_q) * config.block_q
@@ -130,9 +167,10 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, m_pad - rows), (0, 0)))
     pad_block = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     k_blk, v_blk = jnp.pad(k_block, pad_block), jnp.pad(v_block, pad_block)
-    meta_len = -(-(b + 1) // _META_ALIGN) * _META_ALIGN
+    meta_len = -(-(b + 2) // _META_ALIGN) * _META_ALIGN
     meta = jnp.zeros((meta_len,), jnp.int32).at[:b].set(lengths.astype(jnp.int32))
     meta = meta.at[b].set(jnp.asarray(causal).astype(jnp.int32))
+    meta = meta.at[b + 1].set(jnp.asarray(layer, jnp.int32))
     out, row_max, row_sum = _kernel_call(q_rows, k_cache, v_cache, k_blk, v_blk, meta,
                                          config=config, tokens=t, groups=g,
                                          interpret=interpret)
@@ -146,6 +184,26 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     return merged.reshape(b, t, n, h).astype(q.dtype)
 
 
+def hbm_traffic(batch: int, tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                lengths: int, config: TuningConfig | None = None, slots: int = 0) -> int:
+    """Bytes one call moves to and from HBM: the tiles it reads and the partials it writes.
+
+    The byte model a cost estimate should use instead of the custom call's operand sizes
+    (which count the whole cache). Each q tile reads the row's valid prefix tiles and the
+    block's tiles once per KV head; `lengths` is the valid cache length of every row.
+    """
+    groups = num_heads // num_kv_heads
+    rows = tokens * groups
+    config = config or default_config(rows, slots or lengths)
+    q_tiles = -(-rows // config.block_q)
+    prefix_keys = -(-lengths // config.block_kv) * config.block_kv
+    own_keys = -(-tokens // config.block_kv) * config.block_kv
+    kv_bytes = 2 * (prefix_keys + own_keys) * head_dim * 2  # K and V, bf16
+    q_bytes = q_tiles * config.block_q * head_dim * 2
+    partials = config.num_splits * q_tiles * config.block_q * (head_dim + 2) * 4
+    return batch * num_kv_heads * (q_tiles * kv_bytes + q_bytes + partials)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "tokens", "groups", "interpret"))
 def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_blk: jax.Array,
                  v_blk: jax.Array, meta: jax.Array, *, config: TuningConfig, tokens: int,
@@ -153,28 +211,30 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, kv, m_pad, h = q_rows.shape
     t_pad = k_blk.shape[1]
-    bq, bkv, splits = config.block_q, config.block_kv, config.num_splits
+    bq, bkv, splits, wgs = config.block_q, config.block_kv, config.num_splits, config.warpgroups
     block_tiles = t_pad // bkv
     f32, bf16 = jnp.float32, jnp.bfloat16
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def body(q_ref, kc_ref, vc_ref, kb_ref, vb_ref, meta_ref, o_ref, m_ref, l_ref):
-        def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem, meta_smem, in_bars,
-                   k_bars, v_bars):
+        def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem, q_bars, k_bars,
+                   v_bars, consumed):
             batch, head = lax.axis_index("b"), lax.axis_index("kv")
             q_tile, split = lax.axis_index("qt"), lax.axis_index("split")
-            q_bar, meta_bar = in_bars.at[0], in_bars.at[1]
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(q_tile * bq, bq)], q_smem, q_bar)
-            plgpu.copy_gmem_to_smem(meta_ref, meta_smem, meta_bar)
-            plgpu.barrier_wait(meta_bar)
-            length = meta_smem[batch]
-            causal = meta_smem[b] != 0
-            # This split's prefix tiles, then (last split only) the block's own tiles.
+            wg = lax.axis_index("wg")
+            first_row = q_tile * bq + wg * _WG_ROWS  # this warpgroup's first row
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(first_row, _WG_ROWS)],
+                                    q_smem.at[wg], q_bars.at[wg])
+            length = meta_ref[batch]
+            causal = meta_ref[b] != 0
+            layer = meta_ref[b + 1]
+            # This split's prefix tiles, then (last split only) the block's own tiles. The
+            # step count is the thread block's, shared by its warpgroups.
             prefix_tiles = pl.cdiv(length, bkv)
             per_split = pl.cdiv(prefix_tiles, splits)
             first = jnp.minimum(split * per_split, prefix_tiles)
             last = jnp.minimum(first + per_split, prefix_tiles)
-            row_t = (q_tile * bq + (bq - 1)) // groups  # the largest token index in this tile
+            row_t = (q_tile * bq + (bq - 1)) // groups  # the largest token index in the tile
             own_tiles = jnp.where(causal, jnp.minimum(row_t // bkv + 1, block_tiles),
                                   block_tiles)
             own_tiles = jnp.where(split == splits - 1, own_tiles, 0)
@@ -186,47 +246,54 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
 
             def fetch(step, slot):
                 in_prefix, tile = tile_source(step)
-                rows = pl.ds(tile * bkv, bkv)
+                keys = pl.ds(tile * bkv, bkv)
 
                 @pl.when(in_prefix)
                 def _():
-                    plgpu.copy_gmem_to_smem(kc_ref.at[batch, rows, head], k_smem.at[slot],
-                                            k_bars.at[slot])
-                    plgpu.copy_gmem_to_smem(vc_ref.at[batch, rows, head], v_smem.at[slot],
-                                            v_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(kc_ref.at[layer, batch, keys, head],
+                                            k_smem.at[slot], k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(vc_ref.at[layer, batch, keys, head],
+                                            v_smem.at[slot], v_bars.at[slot])
 
                 @pl.when(~in_prefix)
                 def _():
-                    plgpu.copy_gmem_to_smem(kb_ref.at[batch, rows, head], k_smem.at[slot],
+                    plgpu.copy_gmem_to_smem(kb_ref.at[batch, keys, head], k_smem.at[slot],
                                             k_bars.at[slot])
-                    plgpu.copy_gmem_to_smem(vb_ref.at[batch, rows, head], v_smem.at[slot],
+                    plgpu.copy_gmem_to_smem(vb_ref.at[batch, keys, head], v_smem.at[slot],
                                             v_bars.at[slot])
 
-            @pl.when(steps > 0)
+            @pl.when((steps > 0) & (wg == 0))
             def _():
                 fetch(0, 0)
 
-            plgpu.barrier_wait(q_bar)
+            plgpu.barrier_wait(q_bars.at[wg])
             layout = plgpu.Layout.WGMMA
-            row_ids = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=layout)
-            col_ids = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=layout)
-            query_t = (row_ids + q_tile * bq) // groups
+            row_ids = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bkv), 0, layout=layout)
+            col_ids = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bkv), 1, layout=layout)
+            query_t = (row_ids + first_row) // groups
 
             def step_fn(step, carry):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, 2)
 
-                @pl.when(step + 1 < steps)
+                # Refill the other slot once every warpgroup is done with its previous tile.
+                # (One warpgroup finishes its tile before refilling: no barrier needed.)
+                if wgs > 1:
+                    @pl.when((step > 0) & (wg == 0))
+                    def _():
+                        plgpu.barrier_wait(consumed.at[1 - slot])
+
+                @pl.when((step + 1 < steps) & (wg == 0))
                 def _():
                     fetch(step + 1, 1 - slot)
 
                 plgpu.barrier_wait(k_bars.at[slot])
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
                     return acc_ref[...]
 
-                scores = pl.run_scoped(qk, plgpu.ACC((bq, bkv), f32))
+                scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, bkv), f32))
                 in_prefix, tile = tile_source(step)
                 key = col_ids + tile * bkv
                 # Scalar bounds only (Mosaic's warpgroup lowering has no scalar-predicate select
@@ -239,45 +306,53 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
                 alpha = jnp.exp(m_i - m_new)
                 probs = jnp.exp(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
                 l_i = l_i * alpha + probs.sum(axis=1)
-                p_smem[...] = probs.astype(bf16)
+                p_smem.at[wg][...] = probs.astype(bf16)
                 plgpu.commit_smem()
                 plgpu.barrier_wait(v_bars.at[slot])
 
                 def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
                     return acc_ref[...]
 
-                update = pl.run_scoped(pv, plgpu.ACC((bq, h), f32))
+                update = pl.run_scoped(pv, plgpu.ACC((_WG_ROWS, h), f32))
+                if wgs > 1:
+                    plgpu.barrier_arrive(consumed.at[slot])
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + update
                 return acc, m_new, l_i
 
-            acc = plgpu.layout_cast(jnp.zeros((bq, h), f32), layout)
-            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), layout.reduce(1))
-            l_i = plgpu.layout_cast(jnp.zeros((bq,), f32), layout.reduce(1))
+            acc = plgpu.layout_cast(jnp.zeros((_WG_ROWS, h), f32), layout)
+            m_i = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, f32), layout.reduce(1))
+            l_i = plgpu.layout_cast(jnp.zeros((_WG_ROWS,), f32), layout.reduce(1))
             acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, (acc, m_i, l_i))
-            o_smem[...] = acc
-            m_smem[...] = m_i
-            l_smem[...] = l_i
+            if wgs > 1:  # the last tile's arrivals: every phase of the barrier is observed
+                @pl.when((steps > 0) & (wg == 0))
+                def _():
+                    plgpu.barrier_wait(consumed.at[lax.rem(steps - 1, 2)])
+
+            o_smem.at[wg][...] = acc
+            m_smem.at[wg][...] = m_i
+            l_smem.at[wg][...] = l_i
             plgpu.commit_smem()
-            rows_out = pl.ds(q_tile * bq, bq)
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, head, split, rows_out])
-            plgpu.copy_smem_to_gmem(m_smem, m_ref.at[batch, head, split, rows_out])
-            plgpu.copy_smem_to_gmem(l_smem, l_ref.at[batch, head, split, rows_out])
+            rows_out = pl.ds(first_row, _WG_ROWS)
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, split, rows_out])
+            plgpu.copy_smem_to_gmem(m_smem.at[wg], m_ref.at[batch, head, split, rows_out])
+            plgpu.copy_smem_to_gmem(l_smem.at[wg], l_ref.at[batch, head, split, rows_out])
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
             scoped,
-            plgpu.SMEM((bq, h), bf16, transforms=swizzled),
+            plgpu.SMEM((wgs, _WG_ROWS, h), bf16, transforms=swizzled),
             plgpu.SMEM((2, bkv, h), bf16, transforms=swizzled),
             plgpu.SMEM((2, bkv, h), bf16, transforms=swizzled),
-            plgpu.SMEM((bq, bkv), bf16, transforms=swizzled),
-            plgpu.SMEM((bq, h), f32),
-            plgpu.SMEM((bq,), f32),
-            plgpu.SMEM((bq,), f32),
-            plgpu.SMEM(meta.shape, jnp.int32),
+            plgpu.SMEM((wgs, _WG_ROWS, bkv), bf16, transforms=swizzled),
+            plgpu.SMEM((wgs, _WG_ROWS, h), f32),
+            plgpu.SMEM((wgs, _WG_ROWS), f32),
+            plgpu.SMEM((wgs, _WG_ROWS), f32),
+            plgpu.Barrier(num_barriers=wgs),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=2),
+            collective_axes="wg",
         )
 
     out_types = (jax.ShapeDtypeStruct((b, kv, splits, m_pad, h), f32),
@@ -285,7 +360,7 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
                  jax.ShapeDtypeStruct((b, kv, splits, m_pad), f32))
     kernel = plgpu.kernel(
         body, out_type=out_types, grid=(b, kv, m_pad // bq, splits),
-        grid_names=("b", "kv", "qt", "split"),
+        grid_names=("b", "kv", "qt", "split"), num_threads=wgs, thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)

@@ -10,20 +10,23 @@ __all__ = ["block_attention_ref"]
 
 def block_attention_ref(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                         lengths: jax.Array, k_block: jax.Array, v_block: jax.Array,
-                        causal: jax.Array | bool, config: object = None) -> jax.Array:
+                        causal: jax.Array | bool, layer: jax.Array | int = 0,
+                        config: object = None) -> jax.Array:
     """Attention of a block against [cache[:lengths] ++ block], in float32.
 
     Args:
       q: [B, T, N, H] queries (rotated; the softmax scale H**-0.5 is applied here).
-      k_cache, v_cache: [B, S, K, H] the KV cache; slots >= lengths[b] are ignored.
+      k_cache, v_cache: [L, B, S, K, H] the stacked KV cache; slots >= lengths[b] are ignored.
       lengths: int32 [B] valid cache length per row.
       k_block, v_block: [B, T, K, H] the block's own keys and values.
       causal: bool: in-block causal (True) or bidirectional (False).
+      layer: int: the cache layer to read.
       config: unused (the kernel's tuning config).
     Returns:
       [B, T, N, H] in q's dtype.
     """
     del config
+    k_cache, v_cache = k_cache[layer], v_cache[layer]
     b, t, n, h = q.shape
     kv = k_block.shape[2]
     f32 = jnp.float32

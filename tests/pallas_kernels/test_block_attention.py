@@ -38,49 +38,56 @@ def _forward(model: NLDModel, tokens, cache, causal: bool, write: bool = False,
     return model.forward_block(tokens, cache, causal=causal, write=write, read_cache=read_cache)
 
 
-def _inputs(seed: int, b: int, t: int, n: int, k: int, h: int, s: int):
+def _inputs(seed: int, b: int, t: int, n: int, k: int, h: int, s: int, layers: int = 1):
+    """q [B, T, N, H], stacked caches [L, B, S, K, H], block K/V [B, T, K, H]."""
     keys = jax.random.split(jax.random.key(seed), 5)
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16)  # noqa: E731
-    return (normal(keys[0], (b, t, n, h)), normal(keys[1], (b, s, k, h)),
-            normal(keys[2], (b, s, k, h)), normal(keys[3], (b, t, k, h)),
+    return (normal(keys[0], (b, t, n, h)), normal(keys[1], (layers, b, s, k, h)),
+            normal(keys[2], (layers, b, s, k, h)), normal(keys[3], (b, t, k, h)),
             normal(keys[4], (b, t, k, h)))
 
 
 class TestInterpret:
     """Numerics against the jnp reference in the Mosaic-GPU interpreter, fresh inputs each."""
 
-    @pytest.mark.parametrize("b,t,n,k,lengths,causal,config", [
-        (2, 1, 4, 1, [70, 0], True, TuningConfig(block_q=64)),  # AR decode, GQA 4, empty row
-        (2, 8, 8, 2, [100, 64], False, TuningConfig(block_q=64)),  # bidirectional block
-        (2, 8, 8, 2, [100, 128], True, TuningConfig(block_q=64, num_splits=2)),  # split prefix
-        (1, 40, 6, 2, [5], True, TuningConfig(block_q=64)),  # G=3, rows span 2 q tiles
-        (1, 32, 4, 1, [130], False, TuningConfig(block_q=128, num_splits=3)),  # 128-row tile
-        (1, 70, 2, 1, [0], True, TuningConfig(block_q=64)),  # prefill: own keys span 2 tiles
+    @pytest.mark.parametrize("b,t,n,k,lengths,causal,layer,config", [
+        (2, 1, 4, 1, [70, 0], True, 0, TuningConfig(block_q=64)),  # AR decode, G=4, empty row
+        (2, 8, 8, 2, [100, 64], False, 1, TuningConfig(block_q=64)),  # bidirectional block
+        (2, 8, 8, 2, [100, 128], True, 2, TuningConfig(block_q=64, num_splits=2)),  # splits
+        (1, 40, 6, 2, [5], True, 1, TuningConfig(block_q=64)),  # G=3, rows span 2 q tiles
+        # 128-row tiles: two warpgroups share the K/V tiles.
+        (1, 32, 4, 1, [130], False, 2, TuningConfig(block_q=128, num_splits=3)),
+        (1, 48, 4, 1, [70], True, 0, TuningConfig(block_q=128)),  # causal across both halves
+        (1, 70, 2, 1, [0], True, 1, TuningConfig(block_q=64)),  # prefill: own keys, 2 tiles
     ])
-    def test_matches_reference(self, b, t, n, k, lengths, causal, config):
+    def test_matches_reference(self, b, t, n, k, lengths, causal, layer, config):
         seed = hash((b, t, n, k, tuple(lengths), causal)) % 2**31
-        q, kc, vc, kb, vb = _inputs(seed, b, t, n, k, 64, 192)
+        q, kc, vc, kb, vb = _inputs(seed, b, t, n, k, 64, 192, layers=3)
         lengths = jnp.asarray(lengths, jnp.int32)
-        out = jax.block_until_ready(block_attention(q, kc, vc, lengths, kb, vb, causal, config,
-                                                    interpret=plgpu.InterpretGPUParams()))
-        ref = block_attention_ref(q, kc, vc, lengths, kb, vb, causal)
+        out = jax.block_until_ready(block_attention(
+            q, kc, vc, lengths, kb, vb, causal, jnp.int32(layer), config,
+            interpret=plgpu.InterpretGPUParams()))
+        ref = block_attention_ref(q, kc, vc, lengths, kb, vb, causal, layer)
         assert out.shape == q.shape and out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=ATOL)
 
-    def test_every_output_written_and_no_races(self):
+    @pytest.mark.parametrize("block_q", [64, 128])
+    def test_every_output_written_and_no_races(self, block_q):
         """The interpreter fills fresh memory with NaN: any unwritten output element shows."""
-        q, kc, vc, kb, vb = _inputs(3, 2, 8, 8, 2, 64, 128)
+        q, kc, vc, kb, vb = _inputs(3, 2, 8, 8, 2, 64, 128, layers=2)
         rows = 8 * 4
         q_rows = jnp.pad(q.reshape(2, 8, 2, 4, 64).transpose(0, 2, 1, 3, 4).reshape(2, 2, rows,
                                                                                      64),
-                         ((0, 0), (0, 0), (0, 64 - rows), (0, 0)))
+                         ((0, 0), (0, 0), (0, block_q - rows), (0, 0)))
         pad = ((0, 0), (0, 56), (0, 0), (0, 0))
-        meta = jnp.zeros((32,), jnp.int32).at[:2].set(jnp.array([0, 100])).at[2].set(1)
+        # lengths [0, 100], causal, layer 1
+        meta = jnp.zeros((32,), jnp.int32).at[:2].set(jnp.array([0, 100])).at[2:4].set(1)
         params = plgpu.InterpretGPUParams(detect_races=True)
         out, row_max, row_sum = jax.block_until_ready(_kernel_call(
             q_rows, kc, vc, jnp.pad(kb, pad), jnp.pad(vb, pad), meta,
-            config=TuningConfig(block_q=64, num_splits=3), tokens=8, groups=4, interpret=params))
+            config=TuningConfig(block_q=block_q, num_splits=3), tokens=8, groups=4,
+            interpret=params))
         for array in (out, row_sum):
             assert np.isfinite(np.asarray(array)).all()
         assert not np.isnan(np.asarray(row_max)).any()  # empty splits write -inf, not nothing
@@ -123,14 +130,19 @@ class TestInterpret:
         q, kc, vc, kb, vb = _inputs(0, 1, 4, 4, 1, 64, 128)
         with pytest.raises(NotImplementedError, match="bfloat16"):
             block_attention(q.astype(jnp.float32), kc, vc, jnp.array([4]), kb, vb, True)
+        with pytest.raises(NotImplementedError, match="multiple of 64"):
+            block_attention(q, kc[:, :, :100], vc[:, :, :100], jnp.array([4]), kb, vb, True)
         with pytest.raises(ValueError, match="multiple of config.block_kv"):
-            block_attention(q, kc[:, :100], vc[:, :100], jnp.array([4]), kb, vb, True)
+            block_attention(q, kc, vc, jnp.array([4]), kb, vb, True,
+                            config=TuningConfig(block_kv=256))
+        with pytest.raises(NotImplementedError, match="stacked"):
+            block_attention(q, kc[0], vc[0], jnp.array([4]), kb, vb, True)
         with pytest.raises(ValueError, match="block_q"):
             TuningConfig(block_q=96)
         with pytest.raises(ValueError, match="shared memory"):
             block_attention(*_inputs(0, 1, 4, 4, 1, 256, 256)[:3], jnp.array([4]),
                             *_inputs(0, 1, 4, 4, 1, 256, 256)[3:], True,
-                            TuningConfig(block_q=128, block_kv=256))
+                            config=TuningConfig(block_q=128, block_kv=256))
         model = NLDModel(nld_jax.NLDConfig.preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(0))
         model.attention_impl = "pallas"
         with pytest.raises(NotImplementedError, match="bfloat16"):
@@ -152,9 +164,11 @@ class TestExport:
         fn = jax.jit(functools.partial(block_attention))
         with jax.sharding.use_abstract_mesh(H100):
             exported = jax.export.export(fn, platforms=["cuda"])(
-                spec(b, tokens, n, h), spec(b, slots, k, h), spec(b, slots, k, h),
+                spec(b, tokens, n, h), spec(c.num_hidden_layers, b, slots, k, h),
+                spec(c.num_hidden_layers, b, slots, k, h),
                 jax.ShapeDtypeStruct((b,), jnp.int32), spec(b, tokens, k, h),
-                spec(b, tokens, k, h), jax.ShapeDtypeStruct((), jnp.bool_))
+                spec(b, tokens, k, h), jax.ShapeDtypeStruct((), jnp.bool_),
+                jax.ShapeDtypeStruct((), jnp.int32))
         assert "mosaic_gpu" in exported.mlir_module()
         config = default_config(tokens * n // k, slots)
         assert config.smem_bytes(h) <= 227 * 1024
@@ -169,10 +183,10 @@ class TestGPU:
                                                 (512, [0, 300])])
     @pytest.mark.parametrize("causal", [True, False])
     def test_kernel_matches_reference(self, tokens, lengths, causal):
-        q, kc, vc, kb, vb = _inputs(tokens, 2, tokens, 32, 8, 128, 8192)
+        q, kc, vc, kb, vb = _inputs(tokens, 2, tokens, 32, 8, 128, 8192, layers=2)
         lengths = jnp.asarray(lengths, jnp.int32)
-        out = jax.jit(block_attention)(q, kc, vc, lengths, kb, vb, causal)
-        ref = block_attention_ref(q, kc, vc, lengths, kb, vb, causal)
+        out = jax.jit(block_attention)(q, kc, vc, lengths, kb, vb, causal, 1)
+        ref = block_attention_ref(q, kc, vc, lengths, kb, vb, causal, 1)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=ATOL)
 

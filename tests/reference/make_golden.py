@@ -139,8 +139,13 @@ CASES = [
 NORM_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight", "norm.weight")
 
 
+def yarn_fields(case: dict) -> dict:
+    """The case's YaRN fields (YARN_FIELDS unless the case names its own)."""
+    return case.get("yarn", YARN_FIELDS)
+
+
 def rope_parameters(case: dict) -> dict:
-    return {"rope_type": "yarn", "rope_theta": case["rope_theta"], **YARN_FIELDS}
+    return {"rope_type": "yarn", "rope_theta": case["rope_theta"], **yarn_fields(case)}
 
 
 def hf_config(case: dict) -> Ministral3Config:
@@ -192,7 +197,7 @@ def nld_config(case: dict) -> dict:
     }
     if case["legacy_rope_spelling"]:
         cfg["rope_theta"] = case["rope_theta"]
-        cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **YARN_FIELDS}
+        cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **yarn_fields(case)}
     else:
         cfg["rope_parameters"] = rope_parameters(case)
     return cfg
@@ -218,12 +223,16 @@ def check_legacy_spelling(case: dict, model: Ministral3ForCausalLM) -> None:
     assert torch.equal(inv_legacy, model.model.rotary_emb.inv_freq), "legacy rope spelling differs"
 
 
-def check_yarn_against_spec(case: dict, model: Ministral3ForCausalLM) -> None:
-    """The reference's YaRN inverse frequencies equal the formula of spec/model.md."""
+def check_yarn_against_spec(case: dict, model: Ministral3ForCausalLM) -> list[float]:
+    """The reference's YaRN inverse frequencies equal the formula of spec/model.md.
+
+    Returns the ramp (0: extrapolated frequency, 1: interpolated), rounded for printing.
+    """
     d = case["head_dim"]
     theta = case["rope_theta"]
-    factor = YARN_FIELDS["factor"]
-    orig = YARN_FIELDS["original_max_position_embeddings"]
+    yarn = yarn_fields(case)
+    factor = yarn["factor"]
+    orig = yarn["original_max_position_embeddings"]
     j = np.arange(d // 2, dtype=np.float64)
     pos_freqs = theta ** (2.0 * j / d)
     extrap = 1.0 / pos_freqs
@@ -232,14 +241,15 @@ def check_yarn_against_spec(case: dict, model: Ministral3ForCausalLM) -> None:
     def corr_dim(r: float) -> float:
         return d * np.log(orig / (2.0 * np.pi * r)) / (2.0 * np.log(theta))
 
-    low = max(int(np.floor(corr_dim(YARN_FIELDS["beta_fast"]))), 0)
-    high = min(int(np.ceil(corr_dim(YARN_FIELDS["beta_slow"]))), d - 1)
+    low = max(int(np.floor(corr_dim(yarn["beta_fast"]))), 0)
+    high = min(int(np.ceil(corr_dim(yarn["beta_slow"]))), d - 1)
     ramp = np.clip((j - low) / (high - low), 0.0, 1.0)
     inv_freq = interp * ramp + extrap * (1.0 - ramp)
     got = model.model.rotary_emb.inv_freq.double().numpy()
     np.testing.assert_allclose(got, inv_freq, rtol=1e-6, atol=0)
     assert model.model.rotary_emb.attention_scaling == 1.0
     print(f"  yarn: low={low} high={high} ramp={np.round(ramp, 3).tolist()}")
+    return np.round(ramp, 3).tolist()
 
 
 def init_params(model: Ministral3ForCausalLM, seed: int) -> None:
@@ -844,12 +854,17 @@ def decode_readme(stats: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def start_fresh(out_dir: Path) -> None:
+    """Deterministic single-thread torch, and an empty output directory."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    if OUT_DIR.exists():
-        shutil.rmtree(OUT_DIR)
-    OUT_DIR.mkdir(parents=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+
+def main() -> None:
+    start_fresh(OUT_DIR)
     stats = [run_case(case) for case in CASES]
     write_readme(stats)
 

@@ -19,7 +19,9 @@ F tower MLP width, M merged tokens (T / 4), E text width.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +29,10 @@ import numpy as np
 from flax import nnx
 
 from nld_jax.config import MultimodalConfig, NLDConfig
-from nld_jax.image import ImageError, image_token_ids
+from nld_jax.image import ImageError, image_token_ids, load_image
 
 __all__ = ["VisionEncoder", "encode_images", "image_feature_index", "embed_with_images",
-           "patch_bucket", "check_images"]
+           "patch_bucket", "check_images", "chat_prompt"]
 
 _MERGE = 2  # spatial_merge_size (the config only allows 2)
 
@@ -298,3 +300,73 @@ def embed_with_images(embeds_btd: jax.Array, features_fe: jax.Array,
     rows = jnp.take(features_fe, jnp.maximum(feature_index_bt, 0), axis=0)
     return jnp.where((feature_index_bt >= 0)[..., None], rows.astype(embeds_btd.dtype),
                      embeds_btd)
+
+
+# Stands for one image in the rendered chat text; split out before tokenizing, so it never
+# reaches the tokenizer (the released template's own marker string is an open question).
+_IMAGE_MARKER = "\x00nld-image\x00"
+
+
+def _image_source(item: dict[str, Any], where: str) -> Any:
+    """The image of one content item: {"type": "image", "image": path|array|PIL} or
+    {"type": "image_url", "image_url": {"url": path or file:// URL}}."""
+    if item.get("type") == "image":
+        source = item.get("image", item.get("path", item.get("url")))
+    else:
+        url = item.get("image_url")
+        source = url.get("url") if isinstance(url, dict) else url
+        if isinstance(source, str) and source.startswith("file://"):
+            source = source[len("file://"):]
+        elif isinstance(source, str) and "://" in source:
+            raise ImageError(f"{where}: {source!r}: only local files are read (no downloads)")
+    if source is None:
+        raise ImageError(f"{where}: an image item without an image")
+    return source
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mm: MultimodalConfig, *,
+                enable_thinking: bool = False, add_generation_prompt: bool = True
+                ) -> tuple[list[int], list[np.ndarray]]:
+    """Messages whose content may list images -> (prompt ids, the images in prompt order).
+
+    Content is a string, or a list of {"type": "text", "text": ...} and image items
+    ({"type": "image", "image": path | array | PIL image} or {"type": "image_url",
+    "image_url": {"url": path or file:// URL}}). Each image is loaded with `load_image`
+    (the config's max_image_size and background) and stands in the text as its span:
+    <|image_start|>, rows of <|image_pad|> closed by <|image_break|>, <|image_end|>.
+    """
+    images: list[np.ndarray] = []
+    flat = []
+    for m, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for i, item in enumerate(content):
+                where = f"messages[{m}].content[{i}]"
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind == "text":
+                    parts.append(item.get("text", ""))
+                elif kind in ("image", "image_url"):
+                    source = _image_source(item, where)
+                    if isinstance(source, str):
+                        source = os.path.expanduser(source)
+                    images.append(load_image(source, max_image_size=mm.max_image_size,
+                                             background=mm.image_background))
+                    parts.append(_IMAGE_MARKER)
+                else:
+                    raise ValueError(f"{where}: content items are {{'type': 'text' | 'image' | "
+                                     f"'image_url', ...}}, got {item!r:.80}")
+            message = {**message, "content": "".join(parts)}
+        flat.append(message)
+    text = tokenizer.render_chat(flat, enable_thinking=enable_thinking,
+                                 add_generation_prompt=add_generation_prompt)
+    pieces = text.split(_IMAGE_MARKER)
+    if len(pieces) != len(images) + 1:
+        raise ValueError(f"the chat template kept {len(pieces) - 1} of {len(images)} images")
+    ids = tokenizer.encode(pieces[0], add_special_tokens=False)
+    for image, piece in zip(images, pieces[1:], strict=True):
+        ids += image_token_ids(image.shape[1] // mm.token_pixels, image.shape[2] // mm.token_pixels,
+                               start_id=mm.image_start_token_id, pad_id=mm.image_token_id,
+                               break_id=mm.image_break_token_id, end_id=mm.image_end_token_id)
+        ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids, images

@@ -153,3 +153,40 @@ def test_feature_index_and_splice(encoder):
         image_feature_index(stray, [[]], mm)
     with pytest.raises(ImageError, match="images has 1 rows"):
         image_feature_index(tokens, [[]], mm)
+
+
+HOUSE = pathlib.Path(__file__).parents[1] / "examples" / "images" / "house.png"
+
+
+def test_chat_prompt_places_image_spans(tmp_path):
+    from nld_jax.tokenizer import load_tokenizer
+    from nld_jax.vision import chat_prompt
+    from tests.test_tokenizer import _write
+
+    tokenizer = load_tokenizer(_write(tmp_path / "tok"))
+    mm = NLDConfig.from_json(VLM_DIR).multimodal
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image", "image": str(HOUSE)},
+        {"type": "text", "text": " and this"},
+        {"type": "image_url", "image_url": {"url": f"file://{HOUSE}"}},
+    ]}]
+    ids, images = chat_prompt(tokenizer, messages, mm)
+    assert len(images) == 2 and images[0].shape == (3, 168, 252)  # 240x160 -> 9x6 tokens
+    np.testing.assert_array_equal(images[0], images[1])
+    span = image_token_ids(6, 9, start_id=18, pad_id=19, break_id=20, end_id=21)
+    starts = [i for i in range(len(ids)) if ids[i:i + len(span)] == span]
+    assert len(starts) == 2 and ids.count(19) == 2 * 54
+    text = tokenizer.render_chat([{"role": "user", "content": "what is this and this"}])
+    before, between = ids[:starts[0]], ids[starts[0] + len(span):starts[1]]
+    after = ids[starts[1] + len(span):]
+    assert tokenizer.decode(before) + tokenizer.decode(between) + tokenizer.decode(after) == \
+        tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+    assert tokenizer.decode(before).endswith("what is this")
+    # Generation-ready: the prompt ends with the assistant header.
+    assert tokenizer.decode(after).endswith("<think></think>")
+    with pytest.raises(ImageError, match="only local files"):
+        chat_prompt(tokenizer, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}], mm)
+    with pytest.raises(ValueError, match="content items"):
+        chat_prompt(tokenizer, [{"role": "user", "content": [{"type": "audio"}]}], mm)

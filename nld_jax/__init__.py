@@ -1,5 +1,6 @@
 """nld_jax: Nemotron-Labs-Diffusion language models in JAX (Flax NNX)."""
 
+import nld_jax._no_gpu  # noqa: F401  (first: before JAX starts its backends)
 from nld_jax.config import ConfigError, NLDConfig
 from nld_jax.generate import MODES, GenerationOutput, generate
 from nld_jax.image import ImageError, load_image

@@ -76,11 +76,15 @@ class TuningConfig:
 def default_config(rows: int, slots: int) -> TuningConfig:
     """Tiles for `rows` folded query rows (T*G) against a cache of `slots`.
 
-    One 64-row tile when the rows fit (AR decode: G rows), else 128; long caches split across
-    up to 16 thread blocks per (row, KV head) so a batch-1 decode still fills the SMs.
+    One 64-row tile when the rows fit (AR decode: G rows), else 128. A few row tiles against a
+    long cache split the prefix across up to 16 thread blocks per (row tile, KV head) so a
+    batch-1 decode still fills the SMs; many row tiles (a prefill) fill them already, and
+    splitting would only multiply the float32 partial outputs.
     """
-    return TuningConfig(block_q=64 if rows <= 64 else 128, block_kv=64,
-                        num_splits=max(1, min(16, slots // 1024)))
+    block_q = 64 if rows <= 64 else 128
+    row_tiles = -(-rows // block_q)
+    splits = min(16, slots // 1024, 16 // row_tiles)
+    return TuningConfig(block_q=block_q, block_kv=64, num_splits=max(1, splits))
 
 
 def unsupported_reason(q: jax.Array | jax.ShapeDtypeStruct,
@@ -216,7 +220,8 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
     f32, bf16 = jnp.float32, jnp.bfloat16
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def body(q_ref, kc_ref, vc_ref, kb_ref, vb_ref, meta_ref, o_ref, m_ref, l_ref):
+    def block_attention_kernel(q_ref, kc_ref, vc_ref, kb_ref, vb_ref, meta_ref, o_ref, m_ref,
+                               l_ref):
         def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem, q_bars, k_bars,
                    v_bars, consumed):
             batch, head = lax.axis_index("b"), lax.axis_index("kv")
@@ -359,7 +364,7 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
                  jax.ShapeDtypeStruct((b, kv, splits, m_pad), f32),
                  jax.ShapeDtypeStruct((b, kv, splits, m_pad), f32))
     kernel = plgpu.kernel(
-        body, out_type=out_types, grid=(b, kv, m_pad // bq, splits),
+        block_attention_kernel, out_type=out_types, grid=(b, kv, m_pad // bq, splits),
         grid_names=("b", "kv", "qt", "split"), num_threads=wgs, thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

@@ -1,0 +1,315 @@
+"""Compile for a Hopper GPU on a machine without one, and read what the compiler made of it.
+
+jax 0.11.2 with its CUDA plugin (the `aot` extra) compiles any program for a described GPU on a
+CPU-only machine (spec/aot.md): XLA's GPU compiler runs in full and every Pallas Mosaic-GPU
+kernel is lowered to PTX and assembled by ptxas for sm_90a. This module names the targets (H100,
+H200), builds meshes and abstract arguments for them, compiles, and reports what only a real
+compile shows: ptxas' registers, spills and warnings per kernel, the optimised HLO (while loops,
+host callbacks, kernel calls), memory, and a cost model (bytes and flops of the optimised HLO,
+with each kernel counted by its own byte model).
+
+Nothing here needs or touches a GPU; the figures are a model of the GPU run, not a timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+import nld_jax._no_gpu  # noqa: F401  (before JAX starts its backends)
+
+__all__ = ["Target", "TARGETS", "target_mesh", "abstract", "PtxasReport", "parse_ptxas",
+           "Program", "compile_program", "Cost", "cost", "KernelCase", "kernel_cases",
+           "compile_kernel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A GPU to compile for: XLA's device description plus the figures a cost model needs."""
+
+    name: str
+    description: str  # XLA's device_description_str (the device kind)
+    memory_bandwidth: float  # bytes/s, the HBM peak
+    device_memory: int  # bytes
+    peak_flops: float  # dense bf16 tensor-core FLOP/s
+
+    def proto(self) -> str:
+        """The GpuTargetConfig text proto XLA compiles against (sm_90, 132 SMs)."""
+        return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: 233472
+  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.memory_bandwidth)} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {self.device_memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+runtime_version {{ major: 13 minor: 0 patch: 0 }}
+device_description_str: "{self.description}"
+"""
+
+
+TARGETS = {
+    # H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 (NVIDIA's datasheet).
+    "h100": Target("h100", "NVIDIA H100 80GB HBM3", 3.35232e12, 84929347584, 989e12),
+    # H200: the same die with 141 GB of HBM3e at 4.8 TB/s.
+    "h200": Target("h200", "NVIDIA H200", 4.8e12, 150754820096, 989e12),
+}
+
+
+def _target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ValueError(f"target={name!r}; expected one of {sorted(TARGETS)}")
+    return TARGETS[name]
+
+
+def target_mesh(target: str = "h100", devices: int = 1,
+                axis_name: str = "x") -> jax.sharding.Mesh:
+    """A mesh of `devices` abstract GPUs of `target` (no device is opened)."""
+    if devices < 1:
+        raise ValueError(f"{devices=} must be >= 1")
+    topology = topologies.get_topology_desc(platform="cuda", target_config=_target(target).proto(),
+                                            topology=f"1x1x{devices}")
+    return topologies.make_mesh(topology, (devices,), (axis_name,))
+
+
+def abstract(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Every array leaf of `tree` as a ShapeDtypeStruct replicated over `mesh`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxasReport:
+    """ptxas' own report on one kernel function."""
+
+    kernel: str  # the function name, e.g. "block_attention_kernel_mosaic_gpu_kernel"
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    messages: tuple[str, ...]  # warnings and non-routine infos (e.g. "Potential out of bound")
+
+    @property
+    def spill_bytes(self) -> int:
+        """Spill stores plus spill loads, in bytes."""
+        return self.spill_stores + self.spill_loads
+
+
+_ROUTINE = re.compile(r"bytes gmem|Compiling entry function|Function properties for|"
+                      r"Used \d+ registers|Compile time =|bytes stack frame")
+
+
+def parse_ptxas(text: str) -> list[PtxasReport]:
+    """The reports in ptxas' verbose output (one per compiled entry function)."""
+    reports, messages, current = [], [], None
+    for line in text.splitlines():
+        if not line.startswith(("ptxas", "    ")):
+            continue
+        if match := re.search(r"Compiling entry function '([^']+)'", line):
+            current = dict(kernel=match.group(1), spill_stores=0, spill_loads=0)
+        elif current is not None and (
+                match := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            current.update(spill_stores=int(match.group(1)), spill_loads=int(match.group(2)))
+        if current is not None and (match := re.search(r"Used (\d+) registers", line)):
+            # Messages before "Compiling entry function" belong to that function too.
+            reports.append(PtxasReport(registers=int(match.group(1)),
+                                       messages=tuple(messages), **current))
+            messages, current = [], None
+            continue
+        if line.startswith("ptxas") and not _ROUTINE.search(line):
+            messages.append(line.strip())
+    if messages:  # e.g. a fatal error: no function report follows it
+        reports.append(PtxasReport("<unattributed>", 0, 0, 0, tuple(messages)))
+    return reports
+
+
+@contextlib.contextmanager
+def _stdout_captured() -> Iterator[list[str]]:
+    """Captures what native code writes to file descriptor 1 (ptxas' report goes there)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield captured
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+# ptxas runs once per distinct kernel per process (the plugin caches the cubin), so each
+# kernel's report is kept here by the Mosaic module it came from.
+_REPORTS: dict[int, list[PtxasReport]] = {}
+_MOSAIC_CALL = re.compile(r'custom_call_target="mosaic_gpu_v2".*?backend_config="((?:[^"\\]|'
+                          r'\\.)*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A program compiled for a target, with what the compiler reported."""
+
+    compiled: jax.stages.Compiled
+    compile_s: float  # wall time of lower + compile on this machine
+    ptxas: tuple[PtxasReport, ...]  # one per Mosaic kernel in the program
+
+    @property
+    def hlo(self) -> str:
+        """The GPU-optimised HLO text (fusions, custom calls, loops)."""
+        return self.compiled.as_text()
+
+    @property
+    def temp_bytes(self) -> int:
+        """Device memory the program needs beyond its arguments and outputs."""
+        return self.compiled.memory_analysis().temp_size_in_bytes
+
+    @property
+    def argument_bytes(self) -> int:
+        """Bytes of the program's arguments (per device)."""
+        return self.compiled.memory_analysis().argument_size_in_bytes
+
+    @property
+    def while_ops(self) -> int:
+        """While loops in the optimised HLO (a decode loop is one)."""
+        return len(re.findall(r"\swhile\(", self.hlo))
+
+    @property
+    def host_callbacks(self) -> int:
+        """Host callbacks in the optimised HLO (each a device-to-host round trip)."""
+        return len(re.findall(r'custom_call_target="[^"]*callback[^"]*"', self.hlo))
+
+    @property
+    def kernel_calls(self) -> int:
+        """Mosaic-GPU kernel launches in the optimised HLO (loop bodies counted once)."""
+        return self.hlo.count('custom_call_target="mosaic_gpu_v2"')
+
+
+def compile_program(fn: Callable[..., Any], *args: Any, **static: Any) -> Program:
+    """jit(fn).lower(*args).compile() for the target the arguments' shardings name.
+
+    Args:
+      fn: the function; `static` keyword arguments are bound as Python values.
+      *args: ShapeDtypeStructs (see `abstract`) or pytrees of them.
+    Returns:
+      The Program with the ptxas report of every Mosaic kernel it contains.
+    """
+    os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"  # read by the plugin at each kernel's compile
+    start = time.perf_counter()
+    with _stdout_captured() as captured:
+        compiled = jax.jit(lambda *a: fn(*a, **static)).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    fresh = parse_ptxas(captured[0])
+    reports: list[PtxasReport] = []
+    for config in dict.fromkeys(_MOSAIC_CALL.findall(compiled.as_text())):
+        key = hash(config)
+        if key not in _REPORTS:
+            if not fresh:
+                raise RuntimeError("a Mosaic kernel compiled without a ptxas report; was it "
+                                   "compiled earlier in this process outside compile_program?")
+            _REPORTS[key] = [fresh.pop(0)]
+        reports.extend(_REPORTS[key])
+    return Program(compiled, compile_s, tuple(reports + fresh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Bytes moved and flops of one execution, and the time they imply on a target."""
+
+    bytes: float
+    flops: float
+
+    def seconds(self, target: str = "h100") -> float:
+        """max(bytes / bandwidth, flops / peak): a roofline estimate."""
+        t = _target(target)
+        return max(self.bytes / t.memory_bandwidth, self.flops / t.peak_flops)
+
+
+def cost(program: Program, kernel_bytes: float = 0.0) -> Cost:
+    """XLA's cost analysis of the optimised HLO plus the kernels' own byte model.
+
+    XLA's HloCostAnalysis counts a while body once (cost a single forward, not a whole
+    generation) and counts nothing for a Mosaic custom call; `kernel_bytes` is what the
+    program's kernel launches move by their own byte model (e.g. `block_attention.hbm_traffic`
+    times the launches).
+    """
+    from jax._src.lib import _jax
+
+    module = program.compiled.runtime_executable().hlo_modules()[0]
+    analysis = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    return Cost(bytes=analysis["bytes accessed"] + kernel_bytes, flops=analysis["flops"])
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    """One kernel at one shape the model can select, ready to compile."""
+
+    name: str  # e.g. "block_attention T=32 S=8448"
+    config: str  # the kernel's TuningConfig, as text
+    fn: Callable[..., Any]
+    args: tuple[jax.ShapeDtypeStruct, ...]
+
+
+# The forwards the decoding modes run (spec/decoding.md): T=1 decode, refine/verify blocks,
+# quadratic self-speculation's T*(T+1) block, and prompt prefills. The cache holds an 8192-token
+# context plus one block of write-ahead room.
+BLOCK_SIZES = (8, 16, 32)
+PREFILLS = (512, 8192)
+CACHE_SLOTS = 8192 + 256
+
+
+def kernel_cases(model_config: Any, mesh: jax.sharding.Mesh) -> list[KernelCase]:
+    """Every Pallas kernel configuration the model can select, at `model_config`'s shapes."""
+    from pallas_kernels import block_attention as attention
+    from pallas_kernels import block_step
+
+    c = model_config
+    n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    layers = c.num_hidden_layers
+    bf16, i32, f32 = jnp.bfloat16, jnp.int32, jnp.float32
+
+    def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return abstract(jax.ShapeDtypeStruct(shape, dtype), mesh)
+
+    attention_shapes = [(1, CACHE_SLOTS)] + [(t, CACHE_SLOTS) for t in BLOCK_SIZES]
+    attention_shapes += [(t * (t + 1), CACHE_SLOTS) for t in BLOCK_SIZES]
+    attention_shapes += [(t, t + 256) for t in PREFILLS]
+    cases = []
+    for t, s in attention_shapes:
+        config = attention.default_config(t * n // k, s)
+        args = (spec((1, t, n, h), bf16), spec((layers, 1, s, k, h), bf16),
+                spec((layers, 1, s, k, h), bf16), spec((1,), i32), spec((1, t, k, h), bf16),
+                spec((1, t, k, h), bf16), spec((), jnp.bool_), spec((), i32))
+        cases.append(KernelCase(f"block_attention T={t} S={s}", repr(config),
+                                attention.block_attention, args))
+    for t in BLOCK_SIZES:  # greedy refine and verify steps of the block modes
+        config = block_step.TuningConfig()
+        cases.append(KernelCase(f"vocab_stats T={t}", repr(config), block_step.vocab_stats,
+                                (spec((1, t, c.vocab_size), f32),)))
+    return cases
+
+
+def compile_kernel(case: KernelCase) -> Program:
+    """Compiles one kernel case (its arguments carry the target mesh)."""
+    return compile_program(case.fn, *case.args)

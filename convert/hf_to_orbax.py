@@ -3,34 +3,26 @@
     nld-convert SRC DST [--dtype bfloat16|float32] [--overwrite] [--no-lora]
 
 The source is read and fully validated by nld_jax.load_model before anything is written. The
-output (parameters in the Flax layout and the chosen dtype, the LoRA adapter if any, config.json,
-the tokenizer files and the nld_orbax.json marker) is written into a temporary sibling of DST
-and renamed into place at the end: a failure or crash never leaves a DST that loads half-written.
+output (parameters in the Flax layout and the source's dtype unless --dtype says otherwise, the
+LoRA adapter if any, config.json, the tokenizer files and the nld_orbax.json marker) is written
+into a temporary sibling of DST and renamed into place at the end (nld_jax.atomic): a failure,
+Ctrl-C or crash never leaves a DST that loads half-written, an existing DST stays intact until
+the swap, and leftovers of killed runs are removed by the next run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Sequence
 
-from nld_jax.cli import OneLineParser, UsageError
+from nld_jax import atomic
+from nld_jax.cli import OneLineParser, UsageError, exit_on_interrupt
 from nld_jax.model import NLDModel
 
 __all__ = ["convert", "main"]
-
-
-def _check_destination(dst: str, overwrite: bool) -> None:
-    if os.path.lexists(dst) and not overwrite:
-        raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if os.path.lexists(dst) and not os.path.isdir(dst):
-        raise FileExistsError(f"{dst}: exists and is not a directory; not replacing it")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"{parent}: the destination's parent directory does not exist")
 
 
 def _write(model: NLDModel, src: str, tmp: str, dtype: str) -> None:
@@ -64,37 +56,17 @@ def _write(model: NLDModel, src: str, tmp: str, dtype: str) -> None:
         os.fsync(f.fileno())  # on disk before the rename publishes the directory
 
 
-def _sibling(dst: str, tag: str) -> str:
-    """A fresh hidden name next to dst (same file system, so renames are atomic)."""
-    return os.path.join(os.path.dirname(dst),
-                        f".{os.path.basename(dst)}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _move_into_place(tmp: str, dst: str) -> None:
-    """Renames tmp to dst; an existing dst is moved aside first and removed after."""
-    if not os.path.lexists(dst):
-        os.replace(tmp, dst)
-        return
-    # rename() cannot replace a non-empty directory: swap through a second sibling.
-    old = _sibling(dst, "old")
-    os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old)
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
             overwrite: bool = False, lora: bool = True, progress: bool = True) -> None:
     """Converts a released directory to an Orbax directory.
 
     Args:
       src: the Hugging Face directory (config.json, safetensors, optional linear_spec_lora/),
         or a Hub repo id (see nld_jax.load_model).
-      dst: the Orbax directory to create.
-      dtype: "bfloat16" or "float32", the parameters' dtype in the checkpoint.
+      dst: the Orbax directory to create (not inside src).
+      dtype: "bfloat16" or "float32", the parameters' dtype in the checkpoint; None keeps the
+        source's (bfloat16 when every source tensor is bf16, else float32), so that
+        load_model(dst) equals load_model(src).
       overwrite: replace an existing dst (only once the new checkpoint is complete).
       lora: keep the source's LoRA draft adapter (if it has one).
       progress: show a tqdm progress bar on stderr.
@@ -102,15 +74,20 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
     from tqdm import tqdm
 
     import nld_jax
-    from nld_jax.loading import resolve_checkpoint_dir
+    from nld_jax.loading import resolve_checkpoint_dir, source_dtype
 
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
-    if dtype not in ("bfloat16", "float32"):
+    if dtype not in (None, "bfloat16", "float32"):
         raise ValueError(f"{dtype=} is not supported; use 'bfloat16' or 'float32'")
-    _check_destination(dst, overwrite)
+    atomic.clean_stale(dst)  # leftovers of interrupted runs, before the existence check
+    atomic.check_destination(dst, overwrite)
     src = resolve_checkpoint_dir(src)  # a Hub repo id: downloaded into the Hub cache first
-    if os.path.commonpath([os.path.abspath(src), dst]) == dst:  # replacing dst deletes src
-        raise ValueError(f"{dst}: the destination is (or contains) the source {src}")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if os.path.commonpath([real_src, real_dst]) in (real_src, real_dst):
+        raise ValueError(f"{dst}: the destination and the source {src} must not contain each "
+                         "other (replacing one would delete or nest in the other)")
+    if dtype is None:
+        dtype = source_dtype(src, lora=lora)
     with tqdm(desc="read", unit="tensor", disable=not progress, file=sys.stderr) as bar:
 
         def on_tensor(name: str, total: int) -> None:
@@ -120,26 +97,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
         model = nld_jax.load_model(src, dtype=dtype, lora=None if lora else False,
                                    on_tensor=on_tensor)
         bar.set_description("write")
-        tmp = _sibling(dst, "tmp")
-        os.mkdir(tmp)
-        try:
+        with atomic.atomic_directory(dst, overwrite=overwrite) as tmp:
             _write(model, src, tmp, dtype)
-            _check_destination(dst, overwrite)  # nobody created it meanwhile
-            _move_into_place(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         bar.update()
         bar.set_description("done")
 
 
+@exit_on_interrupt("nld-convert")
 def main(argv: Sequence[str] | None = None) -> int:
-    """The nld-convert command; returns the exit status (2 on bad input, with a one-line error)."""
+    """The nld-convert command; returns the exit status (2 on bad input, with a one-line error;
+    130 on Ctrl-C, the destination as it was)."""
     parser = OneLineParser(prog="nld-convert",
                            description="Convert a released NLD checkpoint to Orbax.")
     parser.add_argument("src", help="Hugging Face checkpoint directory (or Hub repo id)")
     parser.add_argument("dst", help="Orbax directory to create")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                        help="the checkpoint's dtype (default: the source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-lora", action="store_true", help="leave out linear_spec_lora/")
     try:

@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 
 import nld_jax
-from nld_jax.cli import OneLineParser, UsageError, stream_text
+from nld_jax.cli import OneLineParser, UsageError, exit_on_interrupt, stream_text
 
 
+@exit_on_interrupt("chat.py", at_once=True)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory with a tokenizer "

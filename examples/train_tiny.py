@@ -1,20 +1,22 @@
 """Train the bundled tiny NLD model from scratch on CPU (a few minutes on 2 cores).
 
-    python examples/train_tiny.py --out nld_jax/assets/tiny
+    python examples/train_tiny.py --out my_tiny [--overwrite]
 
 Trains a ~1.5M-parameter network with the joint AR + block-diffusion objective on the synthetic
 sort/reverse tasks of `nld_jax.tiny`, then the LinearSpec draft adapter (LoRA on o_proj, base
 frozen), and writes the released Hugging Face layout: config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json and linear_spec_lora/. A loss log (train_log.csv) goes
-beside it, and the held-out accuracy of each decoding mode is printed at the end.
+tokenizer.json, tokenizer_config.json, chat_template.jinja and linear_spec_lora/, with the loss
+log (train_log.csv), all at once (save_model replaces the directory atomically). The held-out
+accuracy of each decoding mode is printed at the end. It refuses to write into the package's
+own bundled model; to update that, train elsewhere and copy the files over deliberately.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
+import io
 import pathlib
+import sys
 import time
 
 import jax
@@ -24,9 +26,11 @@ from flax import nnx
 from tqdm import tqdm
 
 import nld_jax
-from nld_jax import tiny
+from nld_jax import atomic, tiny
+from nld_jax.cli import OneLineParser, UsageError
 from nld_jax.loading import save_model
 from nld_jax.model import NLDModel
+from nld_jax.tokenizer import Tokenizer
 from nld_jax.train import TrainConfig, Trainer
 
 CONFIG = nld_jax.NLDConfig(
@@ -35,6 +39,8 @@ CONFIG = nld_jax.NLDConfig(
     rope_theta=1e4, rope_factor=1.0, original_max_position_embeddings=512,
     llama_4_scaling_beta=0.1, bos_token_id=tiny.BOS, eos_token_ids=(tiny.EOS,),
     mask_token_id=tiny.MASK, block_size=8, dlm_paradigm="block_diff")
+TOKENIZER_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                    "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False}
 
 
 def train(trainer: Trainer, steps: int, batch: int, seed: int, log: csv.writer,
@@ -63,42 +69,54 @@ def evaluate(model: NLDModel, count: int, seed: int) -> None:
               f"{out.stats['tokens_per_forward']:.2f}  {seconds:.1f} s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(tiny.TINY_MODEL_DIR))
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True,
+                        help="a new directory for the model (not the package's own assets)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (once the new model is complete)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--lora-steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        args = parser.parse_args(argv)
+        out = pathlib.Path(args.out).resolve()
+        assets = tiny.TINY_MODEL_DIR.resolve().parent
+        if out == assets or assets in out.parents:
+            raise UsageError(f"--out {out} is inside the package's bundled assets {assets}; "
+                             "train into a new directory (copy it there deliberately if needed)")
+        if args.steps <= 0 or args.lora_steps < 0 or args.batch <= 0:
+            raise UsageError("--steps and --batch must be positive, --lora-steps >= 0")
+        atomic.check_destination(str(out), args.overwrite)  # before minutes of training
+    except (UsageError, OSError) as e:
+        print(f"train_tiny.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
     model = NLDModel(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     print(f"{CONFIG.num_parameters / 1e6:.2f}M parameters, block size {CONFIG.block_size}")
-    with open(out / "train_log.csv", "w", newline="") as f:
-        log = csv.writer(f)
-        log.writerow(["phase", "step", "loss", "ar_loss", "diffusion_loss"])
-        base = Trainer(model, TrainConfig(learning_rate=2e-3, warmup_steps=args.steps // 15,
-                                          total_steps=args.steps))
-        train(base, args.steps, args.batch, args.seed, log, "base")
-        model = base.model
-        if args.lora_steps:
-            model.attach_lora(rank=8, scale=2.0, rngs=nnx.Rngs(args.seed + 1))
-            adapter = Trainer(model, TrainConfig(learning_rate=1e-3,
-                                                 warmup_steps=args.lora_steps // 15,
-                                                 total_steps=args.lora_steps, lora_only=True))
-            train(adapter, args.lora_steps, args.batch, args.seed + 1, log, "lora")
-            model = adapter.model
+    log_text = io.StringIO()
+    log = csv.writer(log_text, lineterminator="\n")
+    log.writerow(["phase", "step", "loss", "ar_loss", "diffusion_loss"])
+    base = Trainer(model, TrainConfig(learning_rate=2e-3, warmup_steps=args.steps // 15,
+                                      total_steps=args.steps))
+    train(base, args.steps, args.batch, args.seed, log, "base")
+    model = base.model
+    if args.lora_steps:
+        model.attach_lora(rank=8, scale=2.0, rngs=nnx.Rngs(args.seed + 1))
+        adapter = Trainer(model, TrainConfig(learning_rate=1e-3,
+                                             warmup_steps=args.lora_steps // 15,
+                                             total_steps=args.lora_steps, lora_only=True))
+        train(adapter, args.lora_steps, args.batch, args.seed + 1, log, "lora")
+        model = adapter.model
 
-    save_model(model, out)
-    tiny.build_tokenizer().save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False}, indent=2) + "\n")
+    tokenizer = Tokenizer(tiny.build_tokenizer(), TOKENIZER_CONFIG, tiny.CHAT_TEMPLATE)
+    save_model(model, out, overwrite=args.overwrite, tokenizer=tokenizer,
+               extra_files={"train_log.csv": log_text.getvalue()})
     print(f"wrote {out}")
     evaluate(nld_jax.load_model(out, dtype="float32"), count=200, seed=12345)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

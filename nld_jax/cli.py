@@ -1,28 +1,38 @@
 """nld-generate: generate from a checkpoint directory, printing the text as it is committed.
 
     nld-generate MODEL "prompt" --mode self_spec [--chat] [--max-new-tokens N] [--temperature T]
-                 [--block-size B] [--threshold X]
+                 [--top-k K] [--top-p P] [--accept-rule exact|match] [--block-size B]
+                 [--threshold X]
 
 The text goes to stdout as the program commits it (per token in AR, per block or cycle in the
 block modes: generate(stream=...) calls back from inside the one compiled program); a summary
 line with tokens/s and tokens per forward goes to stderr. Bad input gets one line on stderr
-and exit status 2.
+and exit status 2; Ctrl-C one line "nld-generate: interrupted" and status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import nld_jax
 from nld_jax.generate import GenerationOutput
 from nld_jax.tokenizer import Tokenizer
 
-__all__ = ["main", "stream_text", "StreamResult", "OneLineParser", "UsageError"]
+__all__ = ["main", "stream_text", "StreamResult", "OneLineParser", "UsageError",
+           "exit_on_interrupt"]
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
 
 class UsageError(Exception):
     """Bad command-line input: reported in one line with exit status 2."""
@@ -62,6 +72,76 @@ class _TextPrinter:
         self.out.write(text[len(self.printed):])
         self.out.flush()
         self.printed = text
+
+
+def _interrupted(prog: str) -> int:
+    sys.stdout.flush()
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return INTERRUPTED_STATUS
+
+
+@contextlib.contextmanager
+def _exit_at_once_on_sigint(prog: str) -> Iterator[None]:
+    """While active, SIGINT ends the process at once with one line and status 130.
+
+    A compiled program runs with the main thread inside C++, where Python cannot raise
+    KeyboardInterrupt until the program ends (a long generation would ignore Ctrl-C). The
+    signal module writes every signal to a wakeup file descriptor from C at once: a thread
+    waiting on it exits the process. Only for work that leaves nothing to clean up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach only the main thread: nothing to watch
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd)
+
+    def watch() -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data:  # the write end closed: the block is over
+                return
+            if signal.SIGINT in data:
+                sys.stdout.write("\n")  # ends the text streamed so far
+                _interrupted(prog)
+                os._exit(INTERRUPTED_STATUS)
+
+    watcher = threading.Thread(target=watch, name=f"{prog}-sigint", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)
+        watcher.join()
+        os.close(read_fd)
+
+
+def exit_on_interrupt(prog: str, *, at_once: bool = False
+                      ) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorates a command's main(): Ctrl-C prints "PROG: interrupted" and returns 130.
+
+    Args:
+      prog: the command's name, for the message.
+      at_once: also stop immediately while a compiled program runs (see
+        _exit_at_once_on_sigint); only for commands with nothing to clean up. Otherwise the
+        KeyboardInterrupt unwinds first, so `with` blocks remove what they were writing.
+    """
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: object, **kwargs: object) -> int:
+            try:
+                if not at_once:
+                    return main(*args, **kwargs)
+                with _exit_at_once_on_sigint(prog):
+                    return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                return _interrupted(prog)
+
+        return run
+
+    return decorate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +207,22 @@ def _parser() -> OneLineParser:
                         help="diffusion/self_spec block (default: the config's)")
     parser.add_argument("--threshold", type=float, default=0.9,
                         help="diffusion commit threshold")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample among the smallest set reaching this probability (1: off)")
+    parser.add_argument("--accept-rule", default="exact", choices=("exact", "match"),
+                        help="self-spec at temperature > 0: exact speculative sampling or "
+                             "sample-and-match")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     return parser
 
 
+@exit_on_interrupt("nld-generate", at_once=True)
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
-    """The nld-generate command; returns the exit status."""
+    """The nld-generate command; returns the exit status (2 on bad input, 130 on Ctrl-C)."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
     try:
@@ -151,6 +239,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         result = stream_text(model, tokenizer, prompt, stdout, mode=args.mode,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              block_size=args.block_size, threshold=args.threshold,
+                             top_k=args.top_k, top_p=args.top_p, accept_rule=args.accept_rule,
                              seed=args.seed)
     except (UsageError, ValueError, OSError) as e:  # LoadError and TokenizerError included
         message = " ".join(str(e).split())  # one line, whatever the exception holds

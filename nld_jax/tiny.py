@@ -8,9 +8,11 @@ whole answer block at once (what diffusion and self-speculation exploit):
     <s> sort 3 9 1 4 = 1 3 4 9 </s>        the digits in ascending order
     <s> reverse 3 9 1 4 = 4 1 9 3 </s>     the digits in reverse order
 
-Digit strings are 4 to 10 long; sequences are padded to 32 tokens with </s>, and the padding
-is trained on too, so that the model keeps predicting </s> after the end (diffusion blocks run
-past it).
+Those two tasks are all it knows: prompts outside them (other words, digit strings shorter
+than 4 or longer than 10, numbers of several digits) get arbitrary answers, and words outside
+its 17-token vocabulary are refused by the tokenizer. Digit strings are 4 to 10 long;
+sequences are padded to 32 tokens with </s>, and the padding is trained on too, so that the
+model keeps predicting </s> after the end (diffusion blocks run past it).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["TINY_MODEL_DIR", "VOCAB", "TASKS", "SEQ_LEN", "encode", "decode", "make_example",
-           "make_batch", "answer", "build_tokenizer"]
+__all__ = ["TINY_MODEL_DIR", "VOCAB", "TASKS", "SEQ_LEN", "CHAT_TEMPLATE", "encode", "decode",
+           "make_example", "make_batch", "answer", "build_tokenizer"]
 
 TINY_MODEL_DIR = pathlib.Path(__file__).parent / "assets" / "tiny"
 SEQ_LEN = 32
@@ -30,6 +32,10 @@ VOCAB = ["<pad>", "<s>", "</s>", "<mask>", "sort", "reverse", "="] + [str(d) for
 _ID = {token: i for i, token in enumerate(VOCAB)}
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 MIN_DIGITS, MAX_DIGITS = 4, 10
+# The model knows no chat markers: a conversation becomes the last user turn in task format
+# ("sort 3 1 2 4" -> "<s> sort 3 1 2 4 ="); chat_template.jinja beside the weights holds it.
+CHAT_TEMPLATE = ("{%- for message in messages if message.role == 'user' %}"
+                 "{%- if loop.last %}<s> {{ message.content }} ={%- endif %}{%- endfor %}\n")
 
 
 def encode(text: str) -> list[int]:

@@ -21,11 +21,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Tokenizer", "load_tokenizer", "TokenizerError", "TOKENIZER_FILE", "TOKENIZER_FILES"]
+__all__ = ["Tokenizer", "load_tokenizer", "TokenizerError", "TOKENIZER_FILE", "TOKENIZER_FILES",
+           "CHAT_TEMPLATE_FILE"]
 
 TOKENIZER_FILE = "tokenizer.json"
 # Every file of a released tokenizer directory (the converter copies those present).
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja",
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", CHAT_TEMPLATE_FILE,
                    "special_tokens_map.json")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -144,17 +146,45 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Text -> ids; add_special_tokens applies the BOS/EOS policy (see the class)."""
+        """Text -> ids; add_special_tokens applies the BOS/EOS policy (see the class).
+
+        Text the vocabulary cannot represent (a word a word-level vocabulary lacks, with no
+        byte fallback) raises TokenizerError naming it, instead of becoming the unknown token.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         if add_special_tokens and self.add_bos_token is None and self.add_eos_token is None:
-            return self.backend.encode(text, add_special_tokens=True).ids
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+            return self._checked(text, self.backend.encode(text, add_special_tokens=True))
+        ids = self._checked(text, self.backend.encode(text, add_special_tokens=False))
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         if add_special_tokens and self.add_eos_token and self.eos_token_id is not None:
             ids = ids + [self.eos_token_id]
         return ids
+
+    def _checked(self, text: str, encoding: Any) -> list[int]:
+        """The encoding's ids, after checking no piece of `text` became the unknown token."""
+        unk_token = getattr(self.backend.model, "unk_token", None)
+        unk_id = self.backend.token_to_id(unk_token) if isinstance(unk_token, str) else None
+        if unk_id is not None:
+            for token_id, (begin, end) in zip(encoding.ids, encoding.offsets, strict=True):
+                if token_id == unk_id and text[begin:end] != unk_token:
+                    raise TokenizerError(
+                        f"{self.source}: {text[begin:end]!r} (at character {begin}) is not in "
+                        f"the vocabulary of {self.vocab_size} tokens")
+        return encoding.ids
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes tokenizer.json, and tokenizer_config.json and chat_template.jinja if any."""
+        directory = os.fspath(directory)
+        self.backend.save(os.path.join(directory, TOKENIZER_FILE))
+        if self.config:
+            with open(os.path.join(directory, "tokenizer_config.json"), "w",
+                      encoding="utf-8") as f:
+                f.write(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        if self.chat_template is not None:
+            with open(os.path.join(directory, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text."""
@@ -175,6 +205,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise TokenizerError(f"{self.source}: no chat template (chat_template.jinja or "
                                  "tokenizer_config.json's chat_template)")
+        messages = _checked_messages(messages, self.source)
         variables = {key: value or "" for key, value in self.special_tokens.items()}
         variables.update(tools=None, documents=None, **template_kwargs)
         try:
@@ -194,6 +225,29 @@ class Tokenizer:
         text = self.render_chat(messages, enable_thinking=enable_thinking,
                                 add_generation_prompt=add_generation_prompt, **template_kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def _checked_messages(messages: Any, source: str) -> list[dict[str, Any]]:
+    """A list of {"role": str, "content": str, ...} dicts, or TokenizerError naming the fault.
+
+    The tokenizer is text-only: content that is None or a list of parts (images, tool calls)
+    is refused here rather than rendered as "None" or a Python list by the template.
+    """
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise TokenizerError(f"{source}: messages must be a list of dicts, got "
+                             f"{type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TokenizerError(f"{source}: messages[{i}] must be a dict, got "
+                                 f"{type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise TokenizerError(f"{source}: messages[{i}]['role']={role!r} must be a "
+                                 "non-empty string")
+        if not isinstance(content, str):
+            raise TokenizerError(f"{source}: messages[{i}]['content'] must be a string, got "
+                                 f"{type(content).__name__} (this tokenizer is text-only)")
+    return list(messages)
 
 
 def _read_text(path: str) -> str:
@@ -248,7 +302,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_file}: expected a JSON object")
     template = _chat_template(config, config_file)
-    template_file = os.path.join(directory, "chat_template.jinja")
+    template_file = os.path.join(directory, CHAT_TEMPLATE_FILE)
     if os.path.isfile(template_file):
         template = _read_text(template_file)
     return Tokenizer(backend, config, template, source=directory)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import io
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from nld_jax import cli, tiny
 from tests.conftest import GOLDEN_DIR
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(tiny.TINY_MODEL_DIR)
 PROMPT = "<s> sort 3 9 1 4 ="
 ARGS = ["--dtype", "float32", "--max-new-tokens", "16"]
@@ -56,15 +62,60 @@ def test_stream_text_result():
     assert result.tokens_per_second > 0 and 0 < result.first_seconds <= result.seconds
 
 
-def test_chat_wraps_the_prompt_with_the_template(tmp_path, capsys):
-    model_dir = tmp_path / "tiny_chat"
-    shutil.copytree(tiny.TINY_MODEL_DIR, model_dir)
-    # The tiny model knows no chat markers: this template turns a turn into its task format.
-    (model_dir / "chat_template.jinja").write_text("{{ '<s> ' + messages[-1].content + ' =' }}")
-    assert cli.main([str(model_dir), "reverse 1 2 3 4", "--chat", *ARGS]) == 0
+def test_chat_works_out_of_the_box(tmp_path, capsys):
+    # The bundled template turns the last user turn into the tiny model's task format.
+    assert cli.main([TINY, "reverse 1 2 3 4", "--chat", *ARGS]) == 0
     assert capsys.readouterr().out == "4 3 2 1\n"
-    assert cli.main([TINY, "sort 1 2 3 4", "--chat", *ARGS]) == 2
+    model_dir = tmp_path / "no_template"
+    shutil.copytree(tiny.TINY_MODEL_DIR, model_dir)
+    (model_dir / "chat_template.jinja").unlink()
+    assert cli.main([str(model_dir), "sort 1 2 3 4", "--chat", *ARGS]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_sampling_options_reach_generate(monkeypatch, capsys):
+    seen = {}
+    real_generate = cli.nld_jax.generate
+
+    def generate(*args, **kwargs):
+        seen.update(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(cli.nld_jax, "generate", generate)
+    assert cli.main([TINY, PROMPT, "--temperature", "0.7", "--top-k", "3", "--top-p", "0.9",
+                     "--accept-rule", "match", "--seed", "5", *ARGS]) == 0
+    assert {k: seen[k] for k in ("temperature", "top_k", "top_p", "accept_rule", "seed")} == \
+        dict(temperature=0.7, top_k=3, top_p=0.9, accept_rule="match", seed=5)
+    assert capsys.readouterr().out.strip()  # the model still answers
+
+
+# nld-generate whose stream callback is slowed down, so that Ctrl-C lands mid-generation (while
+# the compiled program runs, where Python alone would not see it until the end).
+_SLOW_STREAM = """
+import sys, time
+from nld_jax import cli
+
+real_call = cli._TextPrinter.__call__
+def slow_call(self, new_tokens):
+    real_call(self, new_tokens)
+    time.sleep(0.5)
+cli._TextPrinter.__call__ = slow_call
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_streaming_is_one_line_and_status_130():
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_STREAM, TINY, "<s> reverse 1 2 3 4 5 6 7 8 9 =", "--mode",
+         "ar", *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    first = process.stdout.read(1)  # the first token's text: the loop is running
+    start = time.perf_counter()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    text = (first + out).decode()
+    assert time.perf_counter() - start < 2.0, "the generation ran on after Ctrl-C"
+    assert process.returncode == 130 and err.decode() == "nld-generate: interrupted\n", err
+    assert text.startswith("9") and text.endswith("\n") and len(text.split()) < 9, text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -76,6 +127,9 @@ def test_chat_wraps_the_prompt_with_the_template(tmp_path, capsys):
     ([TINY, PROMPT, "--mode", "diffusion", "--block-size", "1"], "block_size=1 must be"),
     ([TINY, PROMPT, "--threshold", "1.5", "--mode", "diffusion"], "threshold=1.5 must be"),
     ([TINY], "the following arguments are required: prompt"),
+    ([TINY, "<s> sort 12 3 ="], "'12' (at character 9) is not in the vocabulary"),
+    ([TINY, PROMPT, "--accept-rule", "maybe"], "argument --accept-rule: invalid choice"),
+    ([TINY, PROMPT, "--top-p", "nan"], "top_p"),
 ])
 def test_bad_input_is_one_line_with_status_2(argv, message, capsys):
     assert cli.main(argv) == 2

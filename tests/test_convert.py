@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 import nld_jax
 from convert import hf_to_orbax
 from nld_jax import tiny
-from nld_jax.loading import ORBAX_MARKER
+from nld_jax.loading import ORBAX_MARKER, save_model
 from tests.conftest import GOLDEN_DIR
 
 SINGLE = GOLDEN_DIR / "gqa4_theta1e6"  # has linear_spec_lora/
@@ -131,8 +133,10 @@ def test_invalid_source_writes_nothing(tmp_path, capsys):
     assert not dst.exists() and _siblings(dst) == []
     assert hf_to_orbax.main([str(src), str(dst), "--dtype", "float16"]) == 2
     assert "invalid choice" in capsys.readouterr().err
-    assert hf_to_orbax.main([str(src), str(tmp_path), "--overwrite"]) == 2
-    assert "contains) the source" in capsys.readouterr().err and src.is_dir()
+    for nested in (tmp_path, src, src / "inside"):  # replacing one would delete the other
+        assert hf_to_orbax.main([str(src), str(nested), "--overwrite"]) == 2
+        assert "must not contain each other" in capsys.readouterr().err
+        assert src.is_dir() and not (src / "inside").exists()
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -209,7 +213,7 @@ def test_corrupt_orbax_arrays_raise_load_error(tmp_path):
         nld_jax.load_model(dst)
 
 
-def test_check_finite_on_the_orbax_copy(tmp_path):
+def test_check_finite_on_the_orbax_copy(tmp_path, monkeypatch):
     src = tmp_path / "src"
     shutil.copytree(SHARDED, src)
     shard = next(src.glob("model-*.safetensors"))
@@ -219,10 +223,18 @@ def test_check_finite_on_the_orbax_copy(tmp_path):
     tensors[name].flat[0] = np.nan
     save_file(tensors, str(shard))
     dst = tmp_path / "orbax"
-    hf_to_orbax.convert(src, dst, dtype="float32", progress=False)  # converting does not ask
-    nld_jax.load_model(dst)
+    with pytest.raises(nld_jax.LoadError, match=r"model-00001-of-00002.safetensors: tensor .* "
+                                                r"contains NaN or Inf"):
+        hf_to_orbax.convert(src, dst, progress=False)  # the source is checked by default
+    assert not dst.exists() and _siblings(dst) == []
+    # An Orbax copy holding NaN (written with the check off) is refused on load by default.
+    monkeypatch.setattr(nld_jax, "load_model",
+                        functools.partial(nld_jax.load_model, check_finite=False))
+    hf_to_orbax.convert(src, dst, dtype="float32", progress=False)
+    monkeypatch.undo()
+    nld_jax.load_model(dst, check_finite=False)
     with pytest.raises(nld_jax.LoadError, match=r"params: parameter .* contains NaN or Inf"):
-        nld_jax.load_model(dst, check_finite=True)
+        nld_jax.load_model(dst)
 
 
 def test_converts_a_hub_repo_id(monkeypatch, tmp_path):
@@ -240,3 +252,86 @@ def test_converts_a_hub_repo_id(monkeypatch, tmp_path):
     assert calls == ["nvidia/NLD-tiny-test"]
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     assert nld_jax.load_model(tmp_path / "out").config.vocab_size == 17
+
+
+def test_keeps_the_source_dtype_unless_told(tmp_path):
+    """A float32 source converts to float32 (not bf16), so the copy loads exactly equal."""
+    src = tmp_path / "f32"
+    save_model(nld_jax.load_model(SINGLE, dtype="float32"), src, dtype="float32")
+    rng = np.random.default_rng(0)  # values bf16 cannot hold, as a trained f32 model has
+    tensors = {name: (t + rng.normal(size=t.shape) * 1e-3).astype(np.float32)
+               for name, t in load_file(str(src / "model.safetensors")).items()}
+    save_file(tensors, str(src / "model.safetensors"))
+    assert hf_to_orbax.main([str(src), str(tmp_path / "kept")]) == 0
+    assert json.loads((tmp_path / "kept" / ORBAX_MARKER).read_text())["dtype"] == "float32"
+    _assert_same_model(nld_jax.load_model(src, dtype="float32"),
+                       nld_jax.load_model(tmp_path / "kept", dtype="float32"))
+    assert hf_to_orbax.main([str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "bf16" / ORBAX_MARKER).read_text())["dtype"] == "bfloat16"
+    hf_to_orbax.convert(SINGLE, tmp_path / "from_bf16", progress=False)  # bf16 stays bf16
+    assert json.loads((tmp_path / "from_bf16" / ORBAX_MARKER).read_text())["dtype"] == "bfloat16"
+
+
+# Runs nld-convert with a pause (printing "ready") in the read or the write phase, so that a
+# signal surely arrives in the middle of that phase.
+_PAUSED_CONVERT = """
+import sys, time
+import nld_jax
+from convert import hf_to_orbax
+
+def pause():
+    print("ready", flush=True)
+    time.sleep(120)
+
+if sys.argv[1] == "read":
+    real_load = nld_jax.load_model
+    def load_model(*args, **kwargs):
+        pause()
+        return real_load(*args, **kwargs)
+    nld_jax.load_model = load_model
+else:
+    real_write = hf_to_orbax._write
+    def write(*args):
+        real_write(*args)  # the parameters are on disk in the temporary directory
+        pause()
+    hf_to_orbax._write = write
+sys.exit(hf_to_orbax.main(sys.argv[2:]))
+"""
+
+
+def _paused_convert(phase: str, *args: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", _PAUSED_CONVERT, phase, *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT)
+    assert process.stdout.readline() == "ready\n", process.communicate(timeout=60)
+    return process
+
+
+@pytest.mark.parametrize("phase", ["read", "write"])
+def test_ctrl_c_is_one_line_status_130_and_keeps_the_old_copy(tmp_path, phase):
+    dst = tmp_path / "out"
+    hf_to_orbax.convert(SHARDED, dst, dtype="float32", progress=False)
+    before = sorted(str(p.relative_to(dst)) for p in dst.rglob("*"))
+    process = _paused_convert(phase, str(SINGLE), str(dst), "--overwrite")
+    if phase == "write":
+        assert len(_siblings(dst)) == 1  # the new copy, written beside dst
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.endswith("nld-convert: interrupted\n"), err
+    assert "Traceback" not in err and "wrote" not in out
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == before
+    assert _siblings(dst) == []
+    _assert_same_model(nld_jax.load_model(SHARDED, dtype="float32"),
+                       nld_jax.load_model(dst, dtype="float32"))
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    dst = tmp_path / "out"
+    process = _paused_convert("write", str(SINGLE), str(dst))
+    process.kill()  # kill -9: no chance to clean up
+    process.communicate(timeout=60)
+    leftovers = _siblings(dst)
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".out.tmp-{process.pid}-")
+    assert not dst.exists()
+    assert hf_to_orbax.main([str(SINGLE), str(dst)]) == 0
+    assert _siblings(dst) == [] and nld_jax.load_model(dst).has_lora

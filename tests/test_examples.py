@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import subprocess
 import sys
 
 import nld_jax
+from nld_jax import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,19 +36,37 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert "| self_spec |" in (tmp_path / "benchmark.md").read_text()
 
 
-def test_chat_example_reads_turns_from_a_pipe(tmp_path):
-    import shutil
-
-    from nld_jax import tiny
-
-    model_dir = tmp_path / "tiny_chat"
-    shutil.copytree(tiny.TINY_MODEL_DIR, model_dir)
-    # The tiny model knows no chat markers: this template turns the last turn into its task.
-    (model_dir / "chat_template.jinja").write_text("{{ '<s> ' + messages[-1].content + ' =' }}")
+def test_chat_example_reads_turns_from_a_pipe():
+    # The bundled model's chat template turns the last user turn into its task format.
     result = subprocess.run(
-        [sys.executable, "examples/chat.py", "--model", str(model_dir), "--dtype", "float32",
-         "--max-new-tokens", "16"], input="sort 3 9 1 4\n\nreverse 1 2 3 4\n/exit\nsort 2 1\n",
+        [sys.executable, "examples/chat.py", "--model", str(tiny.TINY_MODEL_DIR), "--dtype",
+         "float32", "--max-new-tokens", "16"],
+        input="sort 3 9 1 4\n\nreverse 1 2 3 4\n/exit\nsort 2 1\n",
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1 3 4 9\n4 3 2 1\n"
     assert result.stderr.count("tokens/forward") == 2
+
+
+def _digest(directory: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_train_tiny_never_overwrites_the_bundled_model(tmp_path):
+    bundled = _digest(tiny.TINY_MODEL_DIR)
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    for args, message in [
+        ([], "the following arguments are required: --out"),
+        (["--out", str(tiny.TINY_MODEL_DIR)], "inside the package's bundled assets"),
+        (["--out", str(tiny.TINY_MODEL_DIR / "sub"), "--overwrite"], "bundled assets"),
+        (["--out", str(existing)], "already exists (pass --overwrite"),
+        (["--out", str(tmp_path / "new"), "--steps", "0"], "--steps and --batch must be"),
+    ]:
+        result = subprocess.run([sys.executable, "examples/train_tiny.py", *args],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert _digest(tiny.TINY_MODEL_DIR) == bundled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import stat
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import nld_jax
@@ -67,6 +71,44 @@ def test_save_load_roundtrip(tmp_path):
     ids = jnp.arange(12, dtype=jnp.int32)[None]
     np.testing.assert_array_equal(model(ids), again(ids))
     assert again.has_lora
+
+
+def test_save_replaces_the_whole_directory(tmp_path):
+    """Saving a model without the adapter over one with it leaves no stale adapter behind."""
+    out = tmp_path / "out"
+    with_lora = nld_jax.load_model(SINGLE, dtype="float32")
+    save_model(with_lora, out)
+    assert (out / "linear_spec_lora").is_dir()
+    without = nld_jax.load_model(SINGLE, dtype="float32", lora=False)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_model(without, out)
+    assert nld_jax.load_model(out).has_lora  # the refused save changed nothing
+    save_model(without, out, overwrite=True, extra_files={"notes/log.csv": "step,loss\n"})
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes"]
+    assert (out / "notes" / "log.csv").read_text() == "step,loss\n"
+    assert nld_jax.load_model(out).has_lora is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_save_writes_the_tokenizer(tmp_path):
+    from nld_jax import tiny
+
+    model = nld_jax.load_model(tiny.TINY_MODEL_DIR, dtype="float32")
+    save_model(model, tmp_path / "copy")  # the model's own tokenizer, chat template included
+    again = nld_jax.load_model(tmp_path / "copy", dtype="float32")
+    assert again.tokenizer == model.tokenizer and again.tokenizer.chat_template is not None
+    assert again.tokenizer.encode("<s> sort 3 1 2 4 =") == tiny.encode("<s> sort 3 1 2 4 =")
+    for bad in ("../escape.txt", "/abs.txt", "."):
+        with pytest.raises(ValueError, match="not a file name inside"):
+            save_model(model, tmp_path / "bad", extra_files={bad: "x"})
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "escape.txt").exists()
+    with pytest.raises(ValueError, match="dtype="):
+        save_model(model, tmp_path / "bad", dtype="float16")
 
 
 def test_missing_tensor(tmp_path):
@@ -151,17 +193,34 @@ def test_bad_config_field(tmp_path):
     _expect(path, "config.json", "vocab_size")
 
 
-def test_nan_when_asked(tmp_path):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_is_refused_by_default(tmp_path, bad):
     path = _copy(SINGLE, tmp_path)
 
     def poison(t):
         weight = t["encoder.layers.0.mlp.down_proj.weight"].astype(np.float32)
-        weight[3, 5] = np.nan
+        weight[3, 5] = bad
         t["encoder.layers.0.mlp.down_proj.weight"] = weight.astype(ml_dtypes.bfloat16)
 
     _rewrite(path / "model.safetensors", poison)
-    nld_jax.load_model(path, lora=False)  # not checked by default
-    _expect(path, "encoder.layers.0.mlp.down_proj.weight", "NaN or Inf", check_finite=True)
+    _expect(path, "model.safetensors", "encoder.layers.0.mlp.down_proj.weight", "NaN or Inf",
+            lora=False)
+    model = nld_jax.load_model(path, lora=False, check_finite=False)  # the switch
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert sum(int((~np.isfinite(np.asarray(leaf, np.float32))).sum()) for leaf in leaves) == 1
+
+
+def test_nan_in_the_adapter_is_refused(tmp_path):
+    path = _copy(SINGLE, tmp_path)
+    name = "base_model.model.encoder.layers.1.self_attn.o_proj.lora_A.weight"
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name].flat[-1] = np.nan
+
+    _rewrite(path / "linear_spec_lora" / "adapter_model.safetensors", poison)
+    _expect(path, "adapter_model.safetensors", name, "NaN or Inf")
+    nld_jax.load_model(path, lora=False)  # the base weights are fine
 
 
 def test_bad_lora(tmp_path):
@@ -239,3 +298,17 @@ def test_hub_errors_are_clear(monkeypatch):
     with pytest.raises(nld_jax.LoadError, match="downloading it from the Hugging Face Hub "
                                                 "failed .*offline"):
         nld_jax.load_model("nvidia/NLD-tiny-test")
+
+
+def test_the_real_hub_client_fails_offline_with_a_load_error(monkeypatch, tmp_path):
+    """With huggingface_hub itself (the test extra installs it) and no network allowed, an
+    unknown repo id ends in one LoadError naming it, not the client's own exception."""
+    import huggingface_hub  # noqa: F401  (no importorskip: the test extra must provide it)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.chdir(tmp_path)  # "nobody/no-such-model" must not exist locally
+    with pytest.raises(nld_jax.LoadError, match=r"nobody/no-such-model: no such directory, and "
+                                                r"downloading it from the Hugging Face Hub "
+                                                r"failed"):
+        nld_jax.load_model("nobody/no-such-model")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -154,6 +155,59 @@ def test_sandbox_blocks_python_internals(tmp_path, source):
     tokenizer = _with_template(tmp_path, source)
     with pytest.raises(TokenizerError, match="SecurityError: access to attribute .* is unsafe"):
         tokenizer.render_chat([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": None}], r"messages\[0\]\['content'\] must be a string, got "
+                                          r"NoneType \(this tokenizer is text-only\)"),
+    ([{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text"}]}],
+     r"messages\[1\]\['content'\] must be a string, got list"),
+    ([{"role": "user"}], r"messages\[0\]\['content'\] must be a string, got NoneType"),
+    ([{"content": "hi"}], r"messages\[0\]\['role'\]=None must be a non-empty string"),
+    (["hi"], r"messages\[0\] must be a dict, got str"),
+    ("hi", "messages must be a list of dicts, got str"),
+    ({"role": "user", "content": "hi"}, "messages must be a list of dicts, got dict"),
+])
+def test_malformed_messages_are_named(tokenizer, messages, message):
+    with pytest.raises(TokenizerError, match=message):
+        tokenizer.apply_chat_template(messages)
+
+
+def test_out_of_vocabulary_text_is_refused_not_padded():
+    """The tiny model's word-level vocabulary has no byte fallback: unknown words are errors."""
+    tokenizer = load_tokenizer(tiny.TINY_MODEL_DIR)
+    assert tokenizer.encode("<s> sort 3 1 <pad> =") == tiny.encode("<s> sort 3 1 <pad> =")
+    for text, piece in [("<s> sort 10 2 =", "'10' (at character 9)"),
+                        ("add 1 2", "'add' (at character 0)"), ("sort 3 1 ", None)]:
+        if piece is None:
+            assert tokenizer.encode(text) == tiny.encode(text)
+            continue
+        with pytest.raises(TokenizerError, match=re.escape(f"{piece} is not in the vocabulary")):
+            tokenizer.encode(text)
+    with pytest.raises(TokenizerError, match="'Sort' .* is not in the vocabulary"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "Sort 3 1 2 4"}])
+
+
+def test_byte_level_vocabulary_encodes_anything(tokenizer):
+    """A byte-level BPE (as released) has no unknown text: nothing is refused."""
+    text = "never seen: ζ∑ 漢字 \x00 🙂"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_the_tiny_model_chats_out_of_the_box():
+    tokenizer = load_tokenizer(tiny.TINY_MODEL_DIR)
+    assert tokenizer.chat_template == tiny.CHAT_TEMPLATE
+    turns = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "sort 3 1"},
+             {"role": "assistant", "content": "1 3"}, {"role": "user", "content": "reverse 1 2"}]
+    assert tokenizer.render_chat(turns) == "<s> reverse 1 2 ="
+    assert tokenizer.apply_chat_template(turns) == tiny.encode("<s> reverse 1 2 =")
+
+
+def test_save_round_trip(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again == tokenizer and again.chat_template == tokenizer.chat_template
+    assert again.encode("the quick fox") == tokenizer.encode("the quick fox")
 
 
 def test_template_environment_matches_transformers(tmp_path):

@@ -8,8 +8,9 @@ assumptions below, so BENCHMARKS.md's table is this script's output (tests check
 - KV cache bf16 (K and V, every layer), sharded over KV heads. A mesh axis must divide the
   dimension it shards, so when TP does not divide K (e.g. K < TP) the KV heads are replicated:
   every device holds all K heads.
-- Usable device memory: `MEMORY_FRACTION` of the nvidia-smi total (JAX preallocates 75% unless
-  XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise; set it to 0.95 for these figures), minus
+- Usable device memory: `MEMORY_FRACTION` of the device memory XLA is told of in
+  `nld_jax.aot.TARGETS` (JAX preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+  otherwise; set it to 0.95 for these figures), minus
   `RESERVE_GIB` for the CUDA/XLA runtime, compiled-program temporaries and fragmentation. The
   chunked prefill's own activations with the Pallas attention kernel are O(chunk) and printed
   below (well inside the reserve); the XLA attention path instead materialises float32 scores
@@ -25,14 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from nld_jax.aot import TARGETS
 from nld_jax.config import NLDConfig
 
 SIZES = ("3B", "8B", "14B")
 TENSOR_PARALLEL = (1, 2, 4, 8)
 MIB = 1 << 20
 GIB = 1 << 30
-# nvidia-smi memory.total of the 80 GB H100 (SXM/PCIe) and the 141 GB H200.
-GPUS = {"H100 80GB": 81559 * MIB, "H200 141GB": 143771 * MIB}
+GPUS = {"H100 80GB": TARGETS["h100"].device_memory, "H200 141GB": TARGETS["h200"].device_memory}
 MEMORY_FRACTION = 0.95
 RESERVE_GIB = 4
 BF16 = 2
@@ -145,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     args = parser.parse_args()
-    print(f"usable memory = {MEMORY_FRACTION} x nvidia-smi total - {RESERVE_GIB} GiB; "
+    print(f"usable memory = {MEMORY_FRACTION} x device memory - {RESERVE_GIB} GiB; "
           f"max_position_embeddings {NLDConfig.preset('8B').max_position_embeddings}\n")
     print(table(args.chunk))
 

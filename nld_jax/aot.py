@@ -32,7 +32,7 @@ import nld_jax._no_gpu  # noqa: F401  (before JAX starts its backends)
 
 __all__ = ["Target", "TARGETS", "target_mesh", "abstract", "PtxasReport", "parse_ptxas",
            "Program", "compile_program", "Cost", "cost", "KernelCase", "kernel_cases",
-           "compile_kernel"]
+           "compile_kernel", "abstract_model", "Forward", "PATTERNS", "compile_forward"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,19 +206,22 @@ class Program:
         return self.hlo.count('custom_call_target="mosaic_gpu_v2"')
 
 
-def compile_program(fn: Callable[..., Any], *args: Any, **static: Any) -> Program:
+def compile_program(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = (),
+                    **static: Any) -> Program:
     """jit(fn).lower(*args).compile() for the target the arguments' shardings name.
 
     Args:
       fn: the function; `static` keyword arguments are bound as Python values.
       *args: ShapeDtypeStructs (see `abstract`) or pytrees of them.
+      donate_argnums: arguments the program may update in place (a KV cache).
     Returns:
       The Program with the ptxas report of every Mosaic kernel it contains.
     """
     os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"  # read by the plugin at each kernel's compile
     start = time.perf_counter()
     with _stdout_captured() as captured:
-        compiled = jax.jit(lambda *a: fn(*a, **static)).lower(*args).compile()
+        compiled = jax.jit(lambda *a: fn(*a, **static), donate_argnums=donate_argnums).lower(
+            *args).compile()
     compile_s = time.perf_counter() - start
     fresh = parse_ptxas(captured[0])
     reports: list[PtxasReport] = []
@@ -246,19 +249,20 @@ class Cost:
         return max(self.bytes / t.memory_bandwidth, self.flops / t.peak_flops)
 
 
-def cost(program: Program, kernel_bytes: float = 0.0) -> Cost:
-    """XLA's cost analysis of the optimised HLO plus the kernels' own byte model.
+def cost(program: Program, kernels: Cost = Cost(0, 0)) -> Cost:
+    """XLA's cost analysis of the optimised HLO plus the kernels' own cost model.
 
     XLA's HloCostAnalysis counts a while body once (cost a single forward, not a whole
-    generation) and counts nothing for a Mosaic custom call; `kernel_bytes` is what the
-    program's kernel launches move by their own byte model (e.g. `block_attention.hbm_traffic`
+    generation) and counts nothing for a Mosaic custom call; `kernels` is what the program's
+    kernel launches move and compute by their own model (e.g. `block_attention.kernel_cost`
     times the launches).
     """
     from jax._src.lib import _jax
 
     module = program.compiled.runtime_executable().hlo_modules()[0]
     analysis = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-    return Cost(bytes=analysis["bytes accessed"] + kernel_bytes, flops=analysis["flops"])
+    return Cost(bytes=analysis["bytes accessed"] + kernels.bytes,
+                flops=analysis["flops"] + kernels.flops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,3 +317,105 @@ def kernel_cases(model_config: Any, mesh: jax.sharding.Mesh) -> list[KernelCase]
 def compile_kernel(case: KernelCase) -> Program:
     """Compiles one kernel case (its arguments carry the target mesh)."""
     return compile_program(case.fn, *case.args)
+
+
+def abstract_model(model_config: Any, mesh: jax.sharding.Mesh,
+                   dtype: Any = jnp.bfloat16) -> tuple[Any, Any]:
+    """(graphdef, abstract state) of an NLDModel: shapes only, no weights in memory."""
+    from flax import nnx
+
+    from nld_jax.model import NLDModel
+
+    model = nnx.eval_shape(lambda: NLDModel(model_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, abstract(state, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """One model forward compiled for a target, with its cost model."""
+
+    name: str
+    tokens: int  # T
+    slots: int  # S, the cache capacity
+    valid: int  # cached positions the forward attends to
+    program: Program
+    cost: Cost
+    ideal: Cost  # parameter bytes read + the valid K/V; the matmul flops
+
+
+PATTERNS = ("causal", "prefill", "quadratic")
+
+
+def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
+                    mesh: jax.sharding.Mesh, attention: str = "pallas",
+                    pattern: str = "causal", name: str = "") -> Forward:
+    """A batch-1 forward of T `tokens` against a cache of `slots` with `valid` cached positions.
+
+    pattern "causal": a decode forward (T=1 or a block) writing its K/V and returning float32
+    logits for all T positions; "prefill": the block attends to itself alone and returns the
+    last position's logits; "quadratic": quadratic self-speculation's forward of
+    T = b*(b+1) tokens for block b (its explicit pattern, logits of the b chain positions and
+    one group).
+    """
+    from flax import nnx
+
+    from nld_jax.cache import KVCache
+    from nld_jax.decode.self_spec_quadratic import block_layout
+    from pallas_kernels.block_attention import kernel_cost
+
+    if pattern not in PATTERNS:
+        raise ValueError(f"{pattern=}; expected one of {PATTERNS}")
+    c = model_config
+    graphdef, state = abstract_model(c, mesh)
+    cache = jax.eval_shape(lambda: KVCache.empty(
+        num_layers=c.num_hidden_layers, batch=1, capacity=slots,
+        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, dtype=jnp.bfloat16))
+    cache = abstract(cache, mesh)
+    block = abstract(jax.ShapeDtypeStruct((1, tokens), jnp.int32), mesh)
+    size = int(round((tokens + 0.25) ** 0.5 - 0.5))  # b with b * (b + 1) = T
+    if pattern == "quadratic" and size * (size + 1) != tokens:
+        raise ValueError(f"a quadratic forward has T = b*(b+1) tokens, got {tokens=}")
+
+    def forward(state, cache, block):
+        model = nnx.merge(graphdef, state)
+        model.attention_impl = attention
+        if pattern == "prefill":
+            return model.forward_block(block, cache, causal=True, write=True, read_cache=False,
+                                       logits_index=jnp.full((1,), tokens - 1, jnp.int32))
+        if pattern == "causal":
+            return model.forward_block(block, cache, causal=True, write=True)
+        offsets, _, visible = block_layout(size)
+        hidden, cache = model.forward_block(
+            block, cache, causal=True, write=True, block_mask=jnp.asarray(visible),
+            positions=cache.lengths[:, None] + jnp.asarray(offsets)[None, :], return_hidden=True)
+        return model.logits(hidden[:, :2 * size]), cache
+
+    program = compile_program(forward, state, cache, block, donate_argnums=(1,))
+    attended = 0 if pattern == "prefill" else valid
+    kernels = Cost(0, 0)
+    if attention == "pallas":
+        nbytes, flops = kernel_cost(1, tokens, c.num_attention_heads, c.num_key_value_heads,
+                                    c.head_dim, attended, slots=slots)
+        kernels = Cost(c.num_hidden_layers * nbytes, c.num_hidden_layers * flops)
+    logit_rows = {"causal": tokens, "prefill": 1, "quadratic": 2 * size}[pattern]
+    # (query, key) pairs inside the block: causal, or the quadratic pattern's visible pairs.
+    own_pairs = (int(block_layout(size)[2].sum()) if pattern == "quadratic"
+                 else tokens * (tokens + 1) // 2)
+    return Forward(name or f"T={tokens}", tokens, slots, valid, program, cost(program, kernels),
+                   _ideal(c, tokens, attended, logit_rows, own_pairs))
+
+
+def _ideal(c: Any, tokens: int, valid: int, logit_rows: int, own_pairs: int) -> Cost:
+    """What a forward cannot avoid: every weight read once (the embedding only at the T rows
+    it gathers), the valid K/V read once and the block's written once; the matmul flops (the
+    head only at the `logit_rows` rows whose logits are needed; attention over the prefix and
+    the block's `own_pairs` visible (query, key) pairs)."""
+    d, layers, kv, h = c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+    n, f, v = c.num_attention_heads, c.intermediate_size, c.vocab_size
+    per_layer = d * (n + 2 * kv) * h + n * h * d + 3 * d * f + 2 * d
+    kv_bytes = 2 * layers * (valid + tokens) * kv * h * 2
+    weight_bytes = 2 * (layers * per_layer + d * v + d + tokens * d)
+    attention_flops = 4 * layers * n * h * (tokens * valid + own_pairs)
+    flops = 2 * tokens * layers * per_layer + 2 * logit_rows * d * v + attention_flops
+    return Cost(bytes=weight_bytes + kv_bytes, flops=flops)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["TuningConfig", "block_attention", "default_config", "unsupported_reason",
-           "hbm_traffic", "SMEM_LIMIT_BYTES"]
+           "kernel_cost", "SMEM_LIMIT_BYTES"]
 
 SMEM_LIMIT_BYTES = 227 * 1024  # H100: 232,448 bytes of shared memory per thread block
 _WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
@@ -188,24 +188,33 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     return merged.reshape(b, t, n, h).astype(q.dtype)
 
 
-def hbm_traffic(batch: int, tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                lengths: int, config: TuningConfig | None = None, slots: int = 0) -> int:
-    """Bytes one call moves to and from HBM: the tiles it reads and the partials it writes.
+def kernel_cost(batch: int, tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                lengths: int, config: TuningConfig | None = None, slots: int = 0,
+                causal: bool = True) -> tuple[int, int]:
+    """(HBM bytes, flops) of one call: the tiles it reads, the partials it writes, its wgmmas.
 
-    The byte model a cost estimate should use instead of the custom call's operand sizes
-    (which count the whole cache). Each q tile reads the row's valid prefix tiles and the
-    block's tiles once per KV head; `lengths` is the valid cache length of every row.
+    The model a cost estimate should use instead of XLA's (which counts a custom call as
+    nothing). Each row tile reads the row's valid prefix tiles and the block's tiles it needs
+    (all of them, or up to its last token if causal) once per KV head; `lengths` is the valid
+    cache length of every row.
     """
     groups = num_heads // num_kv_heads
     rows = tokens * groups
     config = config or default_config(rows, slots or lengths)
-    q_tiles = -(-rows // config.block_q)
-    prefix_keys = -(-lengths // config.block_kv) * config.block_kv
-    own_keys = -(-tokens // config.block_kv) * config.block_kv
-    kv_bytes = 2 * (prefix_keys + own_keys) * head_dim * 2  # K and V, bf16
-    q_bytes = q_tiles * config.block_q * head_dim * 2
-    partials = config.num_splits * q_tiles * config.block_q * (head_dim + 2) * 4
-    return batch * num_kv_heads * (q_tiles * kv_bytes + q_bytes + partials)
+    bq, bkv = config.block_q, config.block_kv
+    row_tiles = -(-rows // bq)
+    own_tiles = -(-tokens // bkv)
+    keys = 0
+    for tile in range(row_tiles):
+        last_token = min(tokens - 1, ((tile + 1) * bq - 1) // groups)
+        own = min(last_token // bkv + 1, own_tiles) if causal else own_tiles
+        keys += -(-lengths // bkv) * bkv + own * bkv
+    kv_bytes = 2 * keys * head_dim * 2  # K and V, bf16
+    q_bytes = row_tiles * bq * head_dim * 2
+    partials = config.num_splits * row_tiles * bq * (head_dim + 2) * 4
+    flops = 2 * 2 * bq * head_dim * keys  # QK^T and PV per key
+    return (batch * num_kv_heads * (kv_bytes + q_bytes + partials),
+            batch * num_kv_heads * flops)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "tokens", "groups", "interpret"))

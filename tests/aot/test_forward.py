@@ -1,0 +1,80 @@
+"""Model forwards compiled for an H100, their cost model, and the benchmark built on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+import nld_jax
+from nld_jax import aot
+from pallas_kernels.block_attention import kernel_cost
+
+# Kernel-sized heads (head_dim 64) on a two-layer model: compiles in seconds.
+SMALL = nld_jax.NLDConfig.preset("tiny", head_dim=64, vocab_size=512, block_size=8)
+
+
+def _benchmark():
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "h100_model.py"
+    spec = importlib.util.spec_from_file_location("h100_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["h100_model"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return aot.target_mesh("h100")
+
+
+@pytest.mark.parametrize("pattern,tokens,attention", [("causal", 8, "pallas"),
+                                                      ("prefill", 64, "pallas"),
+                                                      ("quadratic", 72, "xla")])
+def test_forward_compiles_with_its_kernels(pattern, tokens, attention, mesh):
+    forward = aot.compile_forward(SMALL, tokens, 256, 100, mesh=mesh, attention=attention,
+                                  pattern=pattern)
+    program = forward.program
+    kernels = SMALL.num_hidden_layers if attention == "pallas" else 0
+    assert program.kernel_calls == kernels
+    assert all(r.spill_bytes == 0 and not r.messages for r in program.ptxas)
+    assert program.while_ops == 0 and program.host_callbacks == 0
+    assert forward.cost.bytes >= forward.ideal.bytes > 0
+    assert forward.cost.flops > 0
+
+
+def test_kernel_cost_counts_the_valid_cache_once_per_kv_head():
+    # T=1 against 4096 valid keys (8B heads): K and V of the valid prefix dominate; the rest
+    # is the 64-row q tile, the block's 64-key tile and 8 splits' float32 partials.
+    nbytes, flops = kernel_cost(1, 1, 32, 8, 128, 4096, slots=8192)
+    cache_bytes = 2 * 8 * 4096 * 128 * 2
+    assert cache_bytes < nbytes < 1.2 * cache_bytes
+    # Twice the valid length: twice the cache bytes and flops (the fixed terms aside).
+    nbytes2, flops2 = kernel_cost(1, 1, 32, 8, 128, 8192, slots=8192)
+    assert nbytes2 - nbytes == pytest.approx(cache_bytes, rel=0.02)
+    assert flops2 == pytest.approx(2 * flops, rel=0.02)
+    # A causal block reads fewer of its own tiles than a bidirectional one.
+    assert kernel_cost(1, 512, 32, 8, 128, 0)[0] < kernel_cost(1, 512, 32, 8, 128, 0,
+                                                               causal=False)[0]
+
+
+def test_benchmark_modes_and_table():
+    bench = _benchmark()
+    forwards = [dict(name=s.name, T=s.tokens, S=s.slots, valid=s.valid, attention=s.attention,
+                     bytes=1e9, flops=1e12, est_ms=ms, ideal_ms=ms / 1.1, ratio=1.1,
+                     compile_s=1.0, temp_bytes=0)
+                for s, ms in zip(bench.forward_shapes(nld_jax.NLDConfig.preset("8B")),
+                                 (5.0, 6.0, 20.0, 8.0, 140.0), strict=True)]
+    modes = {m["mode"]: m for m in bench.model_modes(forwards)}
+    assert modes["ar"]["tokens_per_s"] == pytest.approx(200)
+    assert modes["self_spec"]["tokens_per_s"] == pytest.approx(1e3 * 6.82 / 12)
+    assert modes["self_spec_quadratic"]["tokens_per_s"] == pytest.approx(1e3 * 6.4 / 20)
+    assert modes["diffusion"]["tokens_per_s"] == pytest.approx(1e3 * 2.6 / 6)
+    result = dict(size="8B", target="h100", jax="0.11.2", commit="x", date="d",
+                  forwards=forwards, kernels=[dict(name="k", config="c", registers=1,
+                                                   spill_bytes=0)],
+                  programs=[], modes=list(modes.values()))
+    text = bench.table(result)
+    assert "not a GPU measurement" in text and "| quadratic T=32*33 |" in text

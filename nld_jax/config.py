@@ -179,6 +179,18 @@ class NLDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(f"{name}={value!r} must be a positive integer")
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "beta_fast", "beta_slow",
+                     "mscale", "mscale_all_dim", "attention_factor", "llama_4_scaling_beta"):
+            value = getattr(self, name)
+            optional = name in ("mscale", "mscale_all_dim", "attention_factor",
+                                "llama_4_scaling_beta")
+            if value is None and optional:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value)):
+                fail(f"{name}={value!r} must be a finite number" + (" or null" if optional else ""))
+        if not isinstance(self.rope_truncate, bool):
+            fail(f"rope truncate={self.rope_truncate!r} must be true or false")
         if self.num_attention_heads % self.num_key_value_heads:
             fail(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                  f"num_key_value_heads={self.num_key_value_heads}")
@@ -283,6 +295,11 @@ class NLDConfig:
                 fail(f"missing required field {where}{key!r}")
             return container[key]
 
+        def number(value: Any, name: str) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                fail(f"{name}={value!r} must be a number")
+            return float(value)
+
         if raw.get("tie_word_embeddings", False):
             fail("tie_word_embeddings=true: NLD checkpoints have an untied diffusion_head")
         act = raw.get("hidden_act", "silu")
@@ -311,15 +328,15 @@ class NLDConfig:
         yarn: dict[str, Any] = {}
         if rope_type == "yarn":
             yarn = dict(
-                rope_factor=float(required("factor", rope, where)),
+                rope_factor=number(required("factor", rope, where), where + "factor"),
                 original_max_position_embeddings=required("original_max_position_embeddings",
                                                           rope, where),
-                beta_fast=float(rope.get("beta_fast") or 32.0),
-                beta_slow=float(rope.get("beta_slow") or 1.0),
+                beta_fast=number(rope.get("beta_fast") or 32.0, where + "beta_fast"),
+                beta_slow=number(rope.get("beta_slow") or 1.0, where + "beta_slow"),
                 mscale=rope.get("mscale"),
                 mscale_all_dim=rope.get("mscale_all_dim"),
                 attention_factor=rope.get("attention_factor"),
-                rope_truncate=bool(rope.get("truncate", True)),
+                rope_truncate=rope.get("truncate", True),
             )
         llama4_beta = rope.get("llama_4_scaling_beta")
         if llama4_beta is not None and rope_type != "yarn":
@@ -340,11 +357,12 @@ class NLDConfig:
                 head_dim=raw.get("head_dim") or (hidden // heads if isinstance(hidden, int)
                                                  and isinstance(heads, int) and heads else 0),
                 intermediate_size=required("intermediate_size"),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                rms_norm_eps=number(raw.get("rms_norm_eps", 1e-5), "rms_norm_eps"),
                 max_position_embeddings=raw.get("max_position_embeddings", 262144),
                 rope_type=rope_type,
-                rope_theta=float(theta),
-                llama_4_scaling_beta=None if llama4_beta is None else float(llama4_beta),
+                rope_theta=number(theta, where + "rope_theta"),
+                llama_4_scaling_beta=None if llama4_beta is None else number(
+                    llama4_beta, where + "llama_4_scaling_beta"),
                 bos_token_id=raw.get("bos_token_id", 1),
                 eos_token_ids=eos_ids,
                 mask_token_id=required("mask_token_id"),

@@ -36,11 +36,13 @@ class TokenizerError(ValueError):
     """Missing or malformed tokenizer files, or a chat template that fails."""
 
 
-def _special(config: dict[str, Any], key: str) -> str | None:
+def _special(config: dict[str, Any], key: str, source: str) -> str | None:
     value = config.get(key)
-    if isinstance(value, dict):  # AddedToken serialisation
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+    token = value.get("content") if isinstance(value, dict) else value  # AddedToken form
+    if token is not None and not isinstance(token, str):
+        raise TokenizerError(f"{source}: {key}={value!r} must be a token string, "
+                             '{"content": token} or null')
+    return token
 
 
 def _optional_bool(config: dict[str, Any], key: str, source: str) -> bool | None:
@@ -104,7 +106,7 @@ class Tokenizer:
         self.config = config
         self.chat_template = chat_template
         self.source = source
-        self.special_tokens = {key: _special(config, key) for key in _SPECIAL_KEYS}
+        self.special_tokens = {key: _special(config, key, source) for key in _SPECIAL_KEYS}
         self.bos_token = self.special_tokens["bos_token"]
         self.eos_token = self.special_tokens["eos_token"]
         self.add_bos_token = _optional_bool(config, "add_bos_token", source)
@@ -214,7 +216,12 @@ class Tokenizer:
             return self._template.render(messages=list(messages),
                                          add_generation_prompt=add_generation_prompt,
                                          enable_thinking=enable_thinking, **variables)
-        except TemplateError as e:  # SecurityError and UndefinedError included
+        except TokenizerError:  # the template's own raise_exception()
+            raise
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError,
+                AttributeError, RecursionError) as e:
+            # The template is data from the checkpoint: whatever its code trips over at render
+            # time ({{ 1 / 0 }}, a missing index, a bad filter argument) is its failure.
             raise TokenizerError(f"{self.source}: chat template failed: "
                                  f"{type(e).__name__}: {e}") from None
 

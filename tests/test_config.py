@@ -57,6 +57,14 @@ def test_roundtrip(tmp_path):
     (lambda c: c["rope_parameters"].update(beta_fast=0.5), "beta_fast"),
     (lambda c: c.update(rms_norm_eps=-1), "rms_norm_eps"),
     (lambda c: c.update(num_attention_heads="32"), "num_attention_heads"),
+    # Found by tests/test_fuzz_loading.py: wrong types raised ValueError or were accepted.
+    (lambda c: c["rope_parameters"].update(factor="x"), "rope_parameters.factor='x' must be a"),
+    (lambda c: c["rope_parameters"].update(beta_slow=[1]), "beta_slow=[1] must be a number"),
+    (lambda c: c["rope_parameters"].update(mscale_all_dim=[]), "mscale_all_dim=[] must be a"),
+    (lambda c: c["rope_parameters"].update(mscale=float("nan")), "mscale=nan must be a finite"),
+    (lambda c: c["rope_parameters"].update(truncate="yes"), "truncate='yes' must be true or"),
+    (lambda c: c["rope_parameters"].update(rope_theta=True), "rope_theta=True must be a num"),
+    (lambda c: c.update(rms_norm_eps="1e-5"), "rms_norm_eps='1e-5' must be a number"),
 ])
 def test_bad_fields_are_named(tmp_path, edit, message):
     raw = json.loads((GOLDEN_DIR / "gqa4_theta1e6" / "config.json").read_text())

@@ -144,6 +144,17 @@ def test_template_errors_are_tokenizer_errors(tokenizer, tmp_path):
         no_template.apply_chat_template([{"role": "user", "content": "x"}])
 
 
+@pytest.mark.parametrize("source, error", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ messages[3].content }}", "UndefinedError"),
+    ("{{ messages[0].content + 1 }}", "TypeError"),
+    ("{{ messages[0].content.index('zzz') }}", "ValueError"),
+    ("{{ range(10**9) | list }}", "OverflowError"),  # the sandbox's cap on range()
+])
+def test_template_runtime_failures_are_tokenizer_errors(tmp_path, source, error):
+    with pytest.raises(TokenizerError, match=f"chat template failed: ({error})"):
+        _with_template(tmp_path, source).render_chat([{"role": "user", "content": "x"}])
+
+
 @pytest.mark.parametrize("source", [
     "{{ ''.__class__.__mro__ }}",
     "{{ ''.__class__ }}",  # jinja's sandbox would render this as ''; ours refuses
@@ -246,6 +257,11 @@ def test_missing_and_malformed_files(tmp_path):
         load_tokenizer(_write(tmp_path / "bad_bos", bos_token="<nope>"))
     with pytest.raises(TokenizerError, match="add_bos_token='yes' must be true or false"):
         load_tokenizer(_write(tmp_path / "bad_flag", add_bos_token="yes"))
+    for value in ([], 0.5, {"content": 3}):  # not silently "no such token" (found by fuzzing)
+        with pytest.raises(TokenizerError, match=r"pad_token=.* must be a token string"):
+            load_tokenizer(_write(tmp_path / "bad_pad", pad_token=value))
+    assert load_tokenizer(_write(tmp_path / "null_pad", pad_token=None)).special_tokens[
+        "pad_token"] is None
 
 
 def test_load_model_attaches_the_tokenizer(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -296,17 +297,19 @@ def kernel_cases(model_config: Any, mesh: jax.sharding.Mesh) -> list[KernelCase]
     def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         return abstract(jax.ShapeDtypeStruct(shape, dtype), mesh)
 
-    attention_shapes = [(1, CACHE_SLOTS)] + [(t, CACHE_SLOTS) for t in BLOCK_SIZES]
-    attention_shapes += [(t * (t + 1), CACHE_SLOTS) for t in BLOCK_SIZES]
-    attention_shapes += [(t, t + 256) for t in PREFILLS]
+    # (T, S, quadratic block size or 0)
+    attention_shapes = [(1, CACHE_SLOTS, 0)] + [(t, CACHE_SLOTS, 0) for t in BLOCK_SIZES]
+    attention_shapes += [(t * (t + 1), CACHE_SLOTS, t) for t in BLOCK_SIZES]
+    attention_shapes += [(t, t + 256, 0) for t in PREFILLS]
     cases = []
-    for t, s in attention_shapes:
+    for t, s, quadratic in attention_shapes:
         config = attention.default_config(t * n // k, s)
         args = (spec((1, t, n, h), bf16), spec((layers, 1, s, k, h), bf16),
                 spec((layers, 1, s, k, h), bf16), spec((1,), i32), spec((1, t, k, h), bf16),
                 spec((1, t, k, h), bf16), spec((), jnp.bool_), spec((), i32))
-        cases.append(KernelCase(f"block_attention T={t} S={s}", repr(config),
-                                attention.block_attention, args))
+        name = f"block_attention T={t} S={s}" + (f" quadratic={quadratic}" if quadratic else "")
+        cases.append(KernelCase(name, repr(config), functools.partial(
+            attention.block_attention, quadratic=quadratic), args))
     for t in BLOCK_SIZES:  # greedy refine and verify steps of the block modes
         config = block_step.TuningConfig()
         cases.append(KernelCase(f"vocab_stats T={t}", repr(config), block_step.vocab_stats,

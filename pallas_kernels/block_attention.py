@@ -14,7 +14,9 @@ verify, commit) and larger T (prefill). Design, for Hopper (sm_90a):
   layer-scanned model passes the whole cache and never slices it. Only the first
   cdiv(length, block_kv) tiles of a row are read (the tail of the last tile is masked). The
   block's own K/V come last, with the in-block pattern (causal or bidirectional) chosen at run
-  time by a flag, so one compiled kernel serves both.
+  time by a flag, so one compiled kernel serves both; or, with `quadratic=b`, the pattern of
+  quadratic self-speculation's b*(b+1)-token block (spec/decoding.md section 4), computed per
+  (query, key) from the two indices, so that mode needs no explicit mask.
 - Per-call scalars (lengths, causal flag, layer) are read from global memory, not staged in
   dynamically indexed shared memory (ptxas could not bound that index and reported a potential
   out-of-bound access).
@@ -139,7 +141,8 @@ def _check(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Ar
 def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                     k_block: jax.Array, v_block: jax.Array, causal: jax.Array | bool,
                     layer: jax.Array | int = 0, config: TuningConfig | None = None,
-                    interpret: plgpu.InterpretGPUParams | None = None) -> jax.Array:
+                    interpret: plgpu.InterpretGPUParams | None = None,
+                    quadratic: int = 0) -> jax.Array:
     """Attention of a block against [cache[layer, :, :lengths] ++ block] on Hopper.
 
     Args:
@@ -151,9 +154,15 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
       layer: int32 scalar (may be traced): the cache layer to read.
       config: tile sizes (default `default_config`).
       interpret: Mosaic-GPU interpreter parameters to run on CPU (tests), None on the GPU.
+      quadratic: b > 0: the block is quadratic self-speculation's T = b*(b+1) tokens, the chain
+        d_0..d_{b-1} then b groups of b masks; `causal` is ignored. Chain token i sees chain
+        tokens <= i; a mask of group i sees chain tokens <= i and its whole group.
     Returns:
       bf16 [B, T, N, H].
     """
+    if quadratic and q.shape[1] != quadratic * (quadratic + 1):
+        raise ValueError(f"{quadratic=} needs T = {quadratic * (quadratic + 1)} tokens, got "
+                         f"T={q.shape[1]}")
     if (reason := unsupported_reason(q, k_cache)) is not None:
         raise NotImplementedError(f"block_attention cannot run: {reason}")
     config = config or default_config(q.shape[1] * (q.shape[2] // k_cache.shape[3]),
@@ -177,7 +186,7 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     meta = meta.at[b + 1].set(jnp.asarray(layer, jnp.int32))
     out, row_max, row_sum = _kernel_call(q_rows, k_cache, v_cache, k_blk, v_blk, meta,
                                          config=config, tokens=t, groups=g,
-                                         interpret=interpret)
+                                         interpret=interpret, quadratic=quadratic)
     # Combine the splits: each holds sum_j exp(s_j - m) v_j and sum_j exp(s_j - m).
     top = jnp.max(row_max, axis=2, keepdims=True)
     weight = jnp.where(jnp.isneginf(row_max), 0.0, jnp.exp(row_max - top))
@@ -186,6 +195,19 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     merged = numerator / denominator[..., None]  # [B, K, M_pad, H]
     merged = merged[:, :, :rows].reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4)
     return merged.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _quadratic_visible(query: jax.Array, key: jax.Array, size: int) -> jax.Array:
+    """Whether block token `query` sees block token `key` in quadratic self-speculation's
+    layout: tokens [0, size) are the chain, token size + i*size + j is mask j of group i."""
+    def owner(token):  # the chain token a token hangs off: itself, or its group's
+        # lax.div (truncating) on a non-negative value: `//` lowers a sign fix-up on booleans
+        # that Mosaic's register layouts reject.
+        return jnp.where(token < size, token, lax.div(jnp.maximum(token - size, 0), size))
+
+    query_owner = owner(query)
+    same_group = (query >= size) & (key >= size) & (query_owner == owner(key))
+    return ((key < size) & (key <= query_owner)) | same_group
 
 
 def kernel_cost(batch: int, tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -217,10 +239,11 @@ def kernel_cost(batch: int, tokens: int, num_heads: int, num_kv_heads: int, head
             batch * num_kv_heads * flops)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "tokens", "groups", "interpret"))
+@functools.partial(jax.jit,
+                   static_argnames=("config", "tokens", "groups", "interpret", "quadratic"))
 def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_blk: jax.Array,
                  v_blk: jax.Array, meta: jax.Array, *, config: TuningConfig, tokens: int,
-                 groups: int, interpret: plgpu.InterpretGPUParams | None
+                 groups: int, interpret: plgpu.InterpretGPUParams | None, quadratic: int = 0
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, kv, m_pad, h = q_rows.shape
     t_pad = k_blk.shape[1]
@@ -249,8 +272,8 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
             first = jnp.minimum(split * per_split, prefix_tiles)
             last = jnp.minimum(first + per_split, prefix_tiles)
             row_t = (q_tile * bq + (bq - 1)) // groups  # the largest token index in the tile
-            own_tiles = jnp.where(causal, jnp.minimum(row_t // bkv + 1, block_tiles),
-                                  block_tiles)
+            own_tiles = jnp.where(causal & (quadratic == 0),
+                                  jnp.minimum(row_t // bkv + 1, block_tiles), block_tiles)
             own_tiles = jnp.where(split == splits - 1, own_tiles, 0)
             steps = (last - first) + own_tiles
 
@@ -313,8 +336,14 @@ def _kernel_call(q_rows: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_bl
                 # Scalar bounds only (Mosaic's warpgroup lowering has no scalar-predicate select
                 # over arrays): prefix keys < length; own keys < T and, if causal, <= the query.
                 key_limit = jnp.where(in_prefix, length, tokens)
-                unbounded = jnp.where(in_prefix | ~causal, jnp.int32(1 << 30), jnp.int32(0))
-                visible = (key < key_limit) & (key <= query_t + unbounded)
+                if quadratic:
+                    visible = (key < key_limit) & (
+                        _quadratic_visible(query_t, key, quadratic)
+                        | (col_ids < jnp.where(in_prefix, bkv, 0)))  # the prefix: all keys
+                else:
+                    unbounded = jnp.where(in_prefix | ~causal, jnp.int32(1 << 30),
+                                          jnp.int32(0))
+                    visible = (key < key_limit) & (key <= query_t + unbounded)
                 scores = jnp.where(visible, scores, -jnp.inf)
                 m_new = jnp.maximum(m_i, scores.max(axis=1))
                 alpha = jnp.exp(m_i - m_new)

@@ -31,11 +31,6 @@ def mesh() -> jax.sharding.Mesh:
     return aot.target_mesh("h100")
 
 
-def _cases(size: str) -> list[str]:
-    return [case.name for case in aot.kernel_cases(nld_jax.NLDConfig.preset(size),
-                                                   aot.target_mesh("h100"))]
-
-
 @pytest.mark.parametrize("size", SIZES)
 def test_every_kernel_config_compiles_without_spills(size, mesh):
     cases = aot.kernel_cases(nld_jax.NLDConfig.preset(size), mesh)

@@ -72,6 +72,31 @@ class TestInterpret:
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=ATOL)
 
+    @pytest.mark.parametrize("size,n,k,lengths,config", [
+        (3, 4, 2, [40, 0], TuningConfig(block_q=64)),  # T=12: one row tile, one key tile
+        (8, 2, 2, [130], TuningConfig(block_q=64, num_splits=2)),  # T=72: own keys, 2 tiles
+        (4, 8, 2, [64], TuningConfig(block_q=128)),  # T=20, G=4: two warpgroups
+    ])
+    def test_quadratic_pattern_matches_explicit_mask(self, size, n, k, lengths, config):
+        """quadratic=b computes the pattern that self_spec_quadratic.block_layout spells out;
+        the oracle is the XLA attention with that explicit mask."""
+        from nld_jax.attention import attend
+        from nld_jax.decode.self_spec_quadratic import block_layout
+
+        t = size * (size + 1)
+        q, kc, vc, kb, vb = _inputs(size, len(lengths), t, n, k, 64, 192, layers=2)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        out = jax.block_until_ready(block_attention(
+            q, kc, vc, lengths, kb, vb, True, jnp.int32(1), config,
+            interpret=plgpu.InterpretGPUParams(), quadratic=size))
+        ref = attend(q, kb, vb, k_prefix=kc[1], v_prefix=vc[1], prefix_lengths=lengths,
+                     block_mask=jnp.asarray(block_layout(size)[2]), impl="xla")
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                   atol=ATOL)
+        with pytest.raises(ValueError, match="quadratic"):
+            block_attention(q[:, :-1], kc, vc, lengths, kb[:, :-1], vb[:, :-1], True,
+                            quadratic=size)
+
     @pytest.mark.parametrize("block_q", [64, 128])
     def test_every_output_written_and_no_races(self, block_q):
         """The interpreter fills fresh memory with NaN: any unwritten output element shows."""

@@ -47,7 +47,7 @@ def _write(model: NLDModel, src: str, tmp: str, dtype: str) -> None:
               "has_lora": model.has_lora,
               "num_parameters": model.config.num_parameters}
     if model.has_lora:
-        lora = model.layers[0].attn.lora
+        lora = model.layers.attn.lora
         marker.update(lora_rank=int(lora.a_nhr.shape[-1]), lora_scale=float(lora.scale))
     with open(os.path.join(tmp, loading.ORBAX_MARKER), "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=2)

@@ -32,9 +32,9 @@ import numpy as np
 from flax import nnx
 
 import nld_jax
-from nld_jax.attention import on_hopper
 from nld_jax.cache import KVCache
 from nld_jax.generate import MODES
+from nld_jax.kernels import Kernels, on_hopper
 from nld_jax.model import NLDModel
 
 
@@ -79,12 +79,14 @@ def forward_ms(model: NLDModel, prompt: int, tokens: int, repeats: int) -> float
                           num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                           dtype=model.dtype).with_lengths(jnp.array([prompt]))
     graphdef, state = nnx.split(model)
+    kernel = Kernels.choose(model.attention_impl, config=c, dtype=model.dtype,
+                            capacity=capacity, block_size=None).attention
 
     @jax.jit
     def step(state, cache, block):
-        logits, cache = nnx.merge(graphdef, state).forward_block(block, cache, causal=True,
-                                                                 write=True)
-        return logits, cache
+        model = nnx.merge(graphdef, state)
+        hidden, block_kv = model.forward(block, cache, causal=True, attention_kernel=kernel)
+        return model.logits(hidden), cache.write(block_kv, cache.lengths)
 
     block = jnp.ones((1, tokens), jnp.int32)
     return 1e3 * _time(lambda: step(state, cache, block), repeats)

@@ -380,19 +380,26 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
     if pattern == "quadratic" and size * (size + 1) != tokens:
         raise ValueError(f"a quadratic forward has T = b*(b+1) tokens, got {tokens=}")
 
+    kernel = attention == "pallas"
+
     def forward(state, cache, block):
         model = nnx.merge(graphdef, state)
-        model.attention_impl = attention
+        # "auto" scans on the CPU this compiles on; on a GPU it unrolls (see NLDModel).
+        model.layer_loop = "unroll"
         if pattern == "prefill":
-            return model.forward_block(block, cache, causal=True, write=True, read_cache=False,
-                                       logits_index=jnp.full((1,), tokens - 1, jnp.int32))
+            # The kernel reads the empty cache (no valid slot); XLA attends to the block alone.
+            hidden, block_kv = model.forward(block, cache if kernel else None, causal=True,
+                                             attention_kernel=kernel)
+            return (model.logits(hidden[:, -1:]),
+                    cache.write(block_kv, jnp.zeros_like(cache.lengths)))
         if pattern == "causal":
-            return model.forward_block(block, cache, causal=True, write=True)
+            hidden, block_kv = model.forward(block, cache, causal=True, attention_kernel=kernel)
+            return model.logits(hidden), cache.write(block_kv, cache.lengths)
         offsets, _, visible = block_layout(size)
-        hidden, cache = model.forward_block(
-            block, cache, causal=True, write=True, block_mask=jnp.asarray(visible),
-            positions=cache.lengths[:, None] + jnp.asarray(offsets)[None, :], return_hidden=True)
-        return model.logits(hidden[:, :2 * size]), cache
+        hidden, block_kv = model.forward(
+            block, cache, causal=True, block_mask=jnp.asarray(visible),
+            positions=cache.lengths[:, None] + jnp.asarray(offsets)[None, :])
+        return model.logits(hidden[:, :2 * size]), cache.write(block_kv, cache.lengths)
 
     program = compile_program(forward, state, cache, block, donate_argnums=(1,))
     attended = 0 if pattern == "prefill" else valid

@@ -1,8 +1,11 @@
-"""generate(): validate, bucket, prefill and run one decoding mode as one XLA program."""
+"""generate(): validate, bucket, prefill and run one decoding mode as one XLA program.
+
+generate() knows no mode by name: it looks the mode up in nld_jax.decode.REGISTRY, lets the
+mode's Settings validate its options and say how much room it needs, and runs it.
+"""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -14,20 +17,26 @@ import numpy as np
 from flax import nnx
 
 from nld_jax.cache import KVCache
-from nld_jax.decode import ar, diffusion, self_spec, self_spec_quadratic
-from nld_jax.decode.common import Budget, Sampler, Stream, register_stream, unregister_stream
-from nld_jax.decode.prefill import prefill
+from nld_jax.decode import DEFAULT_MODE, REGISTRY
+from nld_jax.decode.common import (
+    Context,
+    Mode,
+    Options,
+    Room,
+    Sampler,
+    Stream,
+    register_stream,
+    run_loop,
+    start,
+    unregister_stream,
+)
+from nld_jax.kernels import Kernels
 from nld_jax.model import NLDModel
-from nld_jax.step_kernels import use_step_kernels
 
-__all__ = ["generate", "GenerationOutput", "MODES", "TRACE_COUNTS"]
+__all__ = ["generate", "GenerationOutput", "MODES"]
 
-MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
-_SPECULATIVE = ("self_spec", "self_spec_quadratic")
+MODES = tuple(REGISTRY)
 _MIN_BUCKET = 16
-
-# How often each mode's program has been traced; tests read it to prove there is no recompile.
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,72 +101,62 @@ def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
 class _Static:
     """Everything about a call that changes shapes or control flow (a jit static argument)."""
 
-    mode: str
+    mode: Mode
     capacity: int  # S: cache slots
     out_len: int  # O: output buffer per row
     top_k: int
-    block_size: int
-    use_threshold: bool
-    all_mask_init: bool
-    accept_rule: str
+    kernels: Kernels
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"))
-def _program(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array,
+def _program(graphdef: nnx.GraphDef, state: nnx.State, settings: Any, prompts: jax.Array,
              prompt_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array,
-             temperature: jax.Array, top_p: jax.Array, threshold: jax.Array,
-             denoise_steps: jax.Array, eos_ids: jax.Array, stream: Stream | None, *,
-             static: _Static) -> dict[str, jax.Array]:
+             temperature: jax.Array, top_p: jax.Array, eos_ids: jax.Array,
+             stream: Stream | None, *, static: _Static) -> Any:
     """Prefill and the whole decode loop of one mode, as one program.
 
+    `settings` is the mode's Settings (its static fields are part of the program's identity).
     `stream` is None (no host callback in the program) or a Stream: None and a Stream are
-    different pytree structures, so each gets its own compiled program.
+    different pytree structures, so each gets its own compiled program. Returns the final state
+    without its cache.
     """
-    TRACE_COUNTS[static.mode] += 1
     model: NLDModel = nnx.merge(graphdef, state)
     config = model.config
+    ctx = Context(model=model, sampler=Sampler(temperature=temperature, top_p=top_p,
+                                               top_k=static.top_k),
+                  eos_ids=eos_ids, settings=settings, kernels=static.kernels)
     cache = KVCache.empty(num_layers=config.num_hidden_layers, batch=prompts.shape[0],
                           capacity=static.capacity, num_kv_heads=config.num_key_value_heads,
                           head_dim=config.head_dim, dtype=model.dtype)
-    sampler = Sampler(temperature=temperature, top_p=top_p, top_k=static.top_k)
-    budget = Budget(max_new_tokens=max_new_tokens, eos_ids=eos_ids)
-    prefill_rng, loop_rng = jax.random.split(rng)
-    last_logits, cache = prefill(model, prompts, prompt_lengths, cache)
-    seed = sampler(last_logits, prefill_rng)
-    if static.mode == "ar":
-        final = ar.run(model, sampler, budget, ar.init(cache, seed, static.out_len, budget,
-                                                        loop_rng), stream)
-        extra = {}
-    elif static.mode == "diffusion":
-        settings = diffusion.Settings(
-            threshold=threshold, denoise_steps=denoise_steps,
-            mask_token_id=config.mask_token_id, block_size=static.block_size,
-            use_threshold=static.use_threshold, all_mask_init=static.all_mask_init,
-            step_kernels=use_step_kernels(model.attention_impl, config.vocab_size,
-                                          static.block_size))
-        final = diffusion.run(model, sampler, budget, settings,
-                              diffusion.init(cache, seed, static.out_len, budget, loop_rng),
-                              stream)
-        extra = dict(num_blocks=final.num_blocks, denoise_steps=final.denoise_steps)
-    else:
-        settings = self_spec.Settings(mask_token_id=config.mask_token_id,
-                                      block_size=static.block_size,
-                                      accept_rule=static.accept_rule,
-                                      step_kernels=use_step_kernels(
-                                          model.attention_impl, config.vocab_size,
-                                          static.block_size))
-        if static.mode == "self_spec":
-            final = self_spec.run(model, sampler, budget, settings,
-                                  self_spec.init(cache, seed, static.out_len, budget, loop_rng,
-                                                 settings), stream)
-        else:
-            final = self_spec_quadratic.run(
-                model, sampler, budget, settings,
-                self_spec_quadratic.init(model, sampler, cache, seed, static.out_len, budget,
-                                         loop_rng, settings), stream).core
-        extra = dict(accepted_histogram=final.accepted_histogram)
-    return dict(tokens=final.tokens, num_tokens=final.num_tokens,
-                num_forwards=final.num_forwards, row_forwards=final.row_forwards, **extra)
+    initial = start(ctx, static.mode, prompts, prompt_lengths, cache, static.out_len,
+                    max_new_tokens, rng)
+    return dataclasses.replace(run_loop(ctx, static.mode, initial, stream), cache=None)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _sizes(room: Room, longest: int, max_new_tokens: int, max_cache_len: int | None,
+           limit: int) -> tuple[int, int, int]:
+    """(prompt bucket, output buffer O, cache slots S) for a request, or ValueError."""
+    budget = _round_up(max_new_tokens, room.granule) if room.whole_granules else max_new_tokens
+    needed = longest + budget
+    if needed > limit:
+        which = "config.max_position_embeddings" if max_cache_len is None else "max_cache_len"
+        raise ValueError(f"the longest prompt ({longest} tokens) plus {max_new_tokens=} needs "
+                         f"{needed} positions, more than {which}={limit}")
+    prompt_bucket = _bucket(longest)
+    out_room = _round_up(_bucket(max_new_tokens), room.granule)
+    # A step may emit a granule past the budget, and a forward writes room.write_ahead slots
+    # past the valid length: a write clamped at the cache's end would overwrite valid slots.
+    out_len = out_room + room.granule
+    capacity = prompt_bucket + out_room + room.write_ahead
+    if max_cache_len is not None:
+        # The prefill writes the whole padded prompt.
+        capacity = max(max_cache_len + room.write_ahead, prompt_bucket)
+    # Whole 64-key tiles, as the attention kernel reads them.
+    return prompt_bucket, out_len, _round_up(capacity, 64)
 
 
 def _pad_ids(ids: tuple[int, ...], multiple: int = 8) -> list[int]:
@@ -206,7 +205,7 @@ class _StreamHandler:
             self.error = e
 
 
-def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: int = 256,
+def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_tokens: int = 256,
              temperature: float = 0.0, block_size: int | None = None,
              threshold: float | None = 0.9, seed: int = 0, *, top_k: int = 0,
              top_p: float = 1.0, max_cache_len: int | None = None,
@@ -233,7 +232,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
         up to config.max_position_embeddings).
       denoise_steps: diffusion: at most this many denoise forwards a block (default
         block_size); with threshold=None the even schedule spreads the masks over them.
-      all_mask_init: diffusion: start blocks all-mask (SGLang/vLLM) instead of [seed, MASK...].
+      all_mask_init: diffusion: start blocks all-mask (SGLang/vLLM) instead of [pending, MASK...].
       accept_rule: self-spec (both kinds) at temperature > 0: "exact" speculative sampling (the
         output is distributed as AR sampling) or "match" (NVIDIA's: sample the AR token, accept
         on match).
@@ -247,8 +246,9 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
       GenerationOutput.
     """
     config = model.config
-    if mode not in MODES:
+    if mode not in REGISTRY:
         raise ValueError(f"unknown {mode=}; expected one of {MODES}")
+    decode_mode = REGISTRY[mode]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
         raise ValueError(f"{max_new_tokens=} must be a positive integer")
@@ -258,26 +258,9 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
         raise ValueError(f"{top_p=} must be in (0, 1]")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
         raise ValueError(f"{top_k=} must be an integer in [0, vocab_size={config.vocab_size}]")
-    block = config.block_size if block_size is None else block_size
-    if mode != "ar":
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
-            raise ValueError(f"block_size={block!r} must be an integer >= 2")
-    if mode == "diffusion":
-        if threshold is not None and not 0 < threshold <= 1:
-            raise ValueError(f"{threshold=} must be in (0, 1], or None for the even schedule")
-        steps = block if denoise_steps is None else denoise_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
-                or not 1 <= steps <= block:
-            raise ValueError(f"denoise_steps={steps!r} must be an integer in [1, {block=}]")
-    else:
-        steps = 1
-    if mode == "self_spec_quadratic" and model.attention_impl == "pallas":
-        raise NotImplementedError(
-            "mode='self_spec_quadratic' attends with an explicit block pattern, which the Pallas "
-            "attention kernel does not take; set model.attention_impl to 'auto' (kernels where "
-            "they apply, XLA for that pattern) or 'xla'")
-    if accept_rule not in self_spec.ACCEPT_RULES:
-        raise ValueError(f"unknown {accept_rule=}; expected one of {self_spec.ACCEPT_RULES}")
+    settings = decode_mode.settings.from_options(config, Options(
+        block_size=block_size, threshold=threshold, denoise_steps=denoise_steps,
+        all_mask_init=all_mask_init, accept_rule=accept_rule))
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if not eos_ids or any(not isinstance(t, (int, np.integer)) or not 0 <= t < config.vocab_size
                           for t in eos_ids):
@@ -287,77 +270,45 @@ def generate(model: NLDModel, prompts: Any, mode: str = "ar", max_new_tokens: in
         raise TypeError(f"stream must be a callable or None, got {type(stream).__name__}")
     tokenizer = getattr(model, "tokenizer", None)
     rows = _as_rows(_encode_strings(prompts, tokenizer), config.vocab_size)
-    longest = max(len(r) for r in rows)
-    # Diffusion emits whole blocks: the budget is rounded up to a multiple of the block.
-    rounded = -(-int(max_new_tokens) // block) * block if mode == "diffusion" else max_new_tokens
-    needed = longest + int(rounded)
     limit = config.max_position_embeddings if max_cache_len is None else max_cache_len
-    if needed > limit:
-        which = "config.max_position_embeddings" if max_cache_len is None else "max_cache_len"
-        raise ValueError(f"the longest prompt ({longest} tokens) plus {max_new_tokens=} needs "
-                         f"{needed} positions, more than {which}={limit}")
-
-    prompt_bucket, out_bucket = _bucket(longest), _bucket(int(max_new_tokens))
-    # Block modes emit up to a block past the budget (diffusion also rounds it up) and write a
-    # block's K/V past the valid length (quadratic self-spec: T*(T+1) tokens), so the buffers
-    # and the cache get that much room: a write clamped at the cache's end would overwrite
-    # valid slots.
-    written = {"ar": 0, "self_spec_quadratic": block * (block + 1)}.get(mode, block)
-    rounding = 0 if mode == "ar" else -(-out_bucket // block) * block - out_bucket
-    out_len = out_bucket + rounding + (0 if mode == "ar" else block)
-    capacity = prompt_bucket + out_bucket + rounding + written
-    if max_cache_len is not None:
-        # The prefill writes the whole padded prompt, and a block may be written past the end.
-        capacity = max(max_cache_len + written, prompt_bucket)
-    capacity = -(-capacity // 64) * 64  # whole 64-key tiles, as the attention kernel reads them
+    prompt_bucket, out_len, capacity = _sizes(settings.room(), max(len(r) for r in rows),
+                                              int(max_new_tokens), max_cache_len, limit)
+    kernels = Kernels.choose(model.attention_impl, config=config, dtype=model.dtype,
+                             capacity=capacity, block_size=settings.step_block,
+                             explicit_block_mask=settings.explicit_block_mask)
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row
     lengths = np.array([len(r) for r in rows], np.int32)
 
     graphdef, state = nnx.split(model)
-    static = _Static(mode=mode, capacity=capacity, out_len=out_len,
-                     top_k=top_k,
-                     block_size=block if mode != "ar" else 0,
-                     use_threshold=threshold is not None, all_mask_init=bool(all_mask_init),
-                     accept_rule=accept_rule)
+    static = _Static(mode=decode_mode, capacity=capacity, out_len=out_len, top_k=top_k,
+                     kernels=kernels)
     handler = None if stream is None else _StreamHandler(stream, len(rows), eos_ids)
     stream_id = None if handler is None else register_stream(handler)
     try:
-        result = _program(
-            graphdef, state, jnp.asarray(padded), jnp.asarray(lengths),
+        final = jax.device_get(_program(
+            graphdef, state, settings, jnp.asarray(padded), jnp.asarray(lengths),
             jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
-            jnp.float32(top_p), jnp.float32(1.0 if threshold is None else threshold),
-            jnp.int32(steps), jnp.asarray(_pad_ids(eos_ids), jnp.int32),
-            None if stream_id is None else Stream(stream_id=jnp.int32(stream_id)), static=static)
-        result = jax.device_get(result)
+            jnp.float32(top_p), jnp.asarray(_pad_ids(eos_ids), jnp.int32),
+            None if stream_id is None else Stream(stream_id=jnp.int32(stream_id)),
+            static=static))
     finally:
         if stream_id is not None:
             unregister_stream(stream_id)
     if handler is not None and handler.error is not None:
         raise handler.error
-    counts = result["num_tokens"]
-    out_tokens = [_truncate_after_eos(result["tokens"][b, :counts[b]].tolist(),
-                                      eos_ids) for b in range(len(rows))]
-    num_forwards = int(result["num_forwards"])
+    out_tokens = [_truncate_after_eos(final.tokens[b, :final.num_tokens[b]].tolist(), eos_ids)
+                  for b in range(len(rows))]
+    num_forwards = int(final.num_forwards)
     total = sum(len(t) for t in out_tokens)
-    row_forwards = int(result["row_forwards"].sum())
+    row_forwards = int(final.row_forwards.sum())
     # Per row, as at batch size 1: tokens over the forwards each row took part in (the prefill's
     # token included, the prefill not counted).
     stats: dict[str, Any] = {"num_forwards": num_forwards, "num_tokens": total,
                              "row_forwards": row_forwards,
-                             "tokens_per_forward": total / max(row_forwards, 1)}
-    if mode == "diffusion":
-        blocks = int(result["num_blocks"].sum())
-        stats["num_blocks"] = blocks
-        stats["denoise_steps_per_block"] = int(result["denoise_steps"].sum()) / max(blocks, 1)
-    elif mode in _SPECULATIVE:
-        histogram = result["accepted_histogram"]
-        cycles = int(histogram.sum())
-        stats["accepted_histogram"] = histogram.tolist()
-        stats["cycles"] = cycles
-        stats["mean_accepted"] = float((histogram * np.arange(histogram.size)).sum()
-                                       / max(cycles, 1))
+                             "tokens_per_forward": total / max(row_forwards, 1),
+                             **decode_mode.stats(final)}
     texts = None if tokenizer is None else [tokenizer.decode(t) for t in out_tokens]
     return GenerationOutput(tokens=out_tokens, num_forwards=num_forwards, stats=stats,
                             texts=texts)

@@ -83,6 +83,7 @@ class _Rule:
     path: tuple[str | int, ...]  # path in nnx.to_pure_dict(state)
     hf_shape: tuple[int, ...]  # shape in the file ([out, in] for Linear)
     transposed: bool  # Linear [out, in] -> [in, ...out] (then reshaped to the parameter's shape)
+    layer: int | None = None  # the index in the parameter's leading [L] axis (stacked layers)
 
     def to_flax(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return w.T.reshape(shape) if self.transposed else w
@@ -101,18 +102,23 @@ def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
         "diffusion_head.weight": _Rule(("head_dv",), (v, d), True),
     }
     for i in range(c.num_hidden_layers):
-        pre, layer = f"encoder.layers.{i}.", ("layers", i)
+        pre = f"encoder.layers.{i}."
         rules.update({
-            pre + "input_layernorm.weight": _Rule((*layer, "input_norm", "weight"), (d,), False),
-            pre + "post_attention_layernorm.weight": _Rule((*layer, "post_attn_norm", "weight"),
-                                                           (d,), False),
-            pre + "self_attn.q_proj.weight": _Rule((*layer, "attn", "q_dnh"), (n * h, d), True),
-            pre + "self_attn.k_proj.weight": _Rule((*layer, "attn", "k_dkh"), (k * h, d), True),
-            pre + "self_attn.v_proj.weight": _Rule((*layer, "attn", "v_dkh"), (k * h, d), True),
-            pre + "self_attn.o_proj.weight": _Rule((*layer, "attn", "o_nhd"), (d, n * h), True),
-            pre + "mlp.gate_proj.weight": _Rule((*layer, "mlp", "gate_df"), (f, d), True),
-            pre + "mlp.up_proj.weight": _Rule((*layer, "mlp", "up_df"), (f, d), True),
-            pre + "mlp.down_proj.weight": _Rule((*layer, "mlp", "down_fd"), (d, f), True),
+            pre + "input_layernorm.weight": _Rule(("layers", "input_norm", "weight"), (d,), False,
+                                                  i),
+            pre + "post_attention_layernorm.weight": _Rule(
+                ("layers", "post_attn_norm", "weight"), (d,), False, i),
+            pre + "self_attn.q_proj.weight": _Rule(("layers", "attn", "q_dnh"), (n * h, d), True,
+                                                   i),
+            pre + "self_attn.k_proj.weight": _Rule(("layers", "attn", "k_dkh"), (k * h, d), True,
+                                                   i),
+            pre + "self_attn.v_proj.weight": _Rule(("layers", "attn", "v_dkh"), (k * h, d), True,
+                                                   i),
+            pre + "self_attn.o_proj.weight": _Rule(("layers", "attn", "o_nhd"), (d, n * h), True,
+                                                   i),
+            pre + "mlp.gate_proj.weight": _Rule(("layers", "mlp", "gate_df"), (f, d), True, i),
+            pre + "mlp.up_proj.weight": _Rule(("layers", "mlp", "up_df"), (f, d), True, i),
+            pre + "mlp.down_proj.weight": _Rule(("layers", "mlp", "down_fd"), (d, f), True, i),
         })
     return rules
 
@@ -123,9 +129,9 @@ def _lora_rules(c: NLDConfig, rank: int) -> dict[str, _Rule]:
     rules = {}
     for i in range(c.num_hidden_layers):
         pre = f"base_model.model.encoder.layers.{i}.self_attn.o_proj."
-        path = ("layers", i, "attn", "lora")
-        rules[pre + "lora_A.weight"] = _Rule((*path, "a_nhr"), (rank, n * h), True)
-        rules[pre + "lora_B.weight"] = _Rule((*path, "b_rd"), (d, rank), True)
+        path = ("layers", "attn", "lora")
+        rules[pre + "lora_A.weight"] = _Rule((*path, "a_nhr"), (rank, n * h), True, i)
+        rules[pre + "lora_B.weight"] = _Rule((*path, "b_rd"), (d, rank), True, i)
     return rules
 
 
@@ -204,7 +210,10 @@ def _check_tensors(rules: dict[str, _Rule], files: dict[str, str], where: str) -
 def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: jnp.dtype,
           check_finite: bool, on_tensor: Callable[[str, int], None] | None = None
           ) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
-    """Yields (parameter path, array) one tensor at a time; on_tensor(name, total) after each."""
+    """Yields (parameter path, array) one parameter at a time; on_tensor(name, total) after each
+    tensor. A stacked layer parameter is yielded once all L of its tensors have been read (the
+    files are read in order, so only the layers' pieces wait in host memory)."""
+    pending: dict[tuple[str | int, ...], dict[int, np.ndarray]] = {}
     for name in sorted(files, key=lambda n: (files[n], n)):
         with _open(files[name]) as handle:
             try:
@@ -215,7 +224,16 @@ def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: j
         if check_finite and not np.isfinite(raw).all():
             raise LoadError(f"{files[name]}: tensor {name!r} contains NaN or Inf")
         rule = rules[name]
-        yield rule.path, jnp.asarray(rule.to_flax(raw, _get(shapes, rule.path).shape), dtype=dtype)
+        shape = _get(shapes, rule.path).shape
+        if rule.layer is None:
+            yield rule.path, jnp.asarray(rule.to_flax(raw, shape), dtype=dtype)
+        else:
+            layers = pending.setdefault(rule.path, {})
+            layers[rule.layer] = rule.to_flax(raw, shape[1:])
+            if len(layers) == shape[0]:
+                del pending[rule.path]
+                yield rule.path, jnp.asarray(np.stack([layers[i] for i in range(shape[0])]),
+                                             dtype=dtype)
         if on_tensor is not None:
             on_tensor(name, len(files))
 
@@ -520,17 +538,20 @@ def save_model(model: NLDModel, path: str | os.PathLike, *, dtype: str = "bfloat
     values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     config = model.config
 
+    def tensor(rule: _Rule) -> np.ndarray:
+        value = np.asarray(_get(values, rule.path))
+        value = value if rule.layer is None else value[rule.layer]  # stacked layers: one slice
+        return np.ascontiguousarray(rule.to_hf(value).astype(np_dtype))
+
     def write_tensors(rules: dict[str, _Rule], path: str) -> None:
-        save_file({name: np.ascontiguousarray(rule.to_hf(np.asarray(_get(values, rule.path)))
-                                              .astype(np_dtype)) for name, rule in rules.items()},
-                  path)
+        save_file({name: tensor(rule) for name, rule in rules.items()}, path)
         os.chmod(path, file_mode())  # save_file leaves 0600
 
     with atomic_directory(path, overwrite=overwrite) as out_dir:
         write_tensors(_base_rules(config), os.path.join(out_dir, SINGLE_FILE))
         config.save_json(os.path.join(out_dir, "config.json"))
         if model.has_lora:
-            lora = model.layers[0].attn.lora
+            lora = model.layers.attn.lora
             rank = lora.a_nhr.shape[-1]
             lora_dir = os.path.join(out_dir, LORA_DIR)
             os.mkdir(lora_dir)

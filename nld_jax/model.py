@@ -1,32 +1,54 @@
 """The NLD network (a Ministral-3 decoder) in Flax NNX.
 
 One network, two attention patterns: `model(tokens)` is causal (AR), `model(tokens, causal=False)`
-is fully bidirectional (diffusion). Decoding modes use `forward_block`, which runs a block of T
-tokens at absolute positions L..L+T-1 against a KV cache.
+is fully bidirectional (diffusion). Decoding modes use `forward`, which runs a block of T tokens at
+absolute positions cache.lengths[b] + (0..T-1) against a read-only KV cache and returns hidden
+states and the block's K/V; the caller applies the head (`logits`) to the rows it needs and
+writes the K/V (`KVCache.write`) if it commits them.
 
-Shape letters: B batch, T tokens in this forward, S cache slots, D model dim, N query heads,
-K KV heads, G = N/K, H head_dim, F MLP hidden, V vocab, R LoRA rank.
+The L decoder layers are stacked: every layer parameter has a leading [L] axis (built with
+nnx.vmap), and a forward runs them with one lax.scan, so a program's compile time does not grow
+with depth. `layer_loop="unroll"` runs the same body in a Python loop instead (see
+`NLDModel.layer_loop` for when that is the default).
+
+Shape letters: B batch, T tokens in this forward, S cache slots, L layers, D model dim,
+N query heads, K KV heads, G = N/K, H head_dim, F MLP hidden, V vocab, R LoRA rank.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nld_jax.attention import attend, resolve_impl
-from nld_jax.cache import KVCache, write_block
+from nld_jax.attention import attend
+from nld_jax.cache import BlockKV, KVCache
 from nld_jax.config import NLDConfig
 
-__all__ = ["NLDModel", "rope_inv_freq"]
+__all__ = ["NLDModel", "LAYER_LOOPS", "rope_inv_freq"]
+
+LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype,
             std: float = 0.02) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _stacked[M: nnx.Module](make: Callable[[nnx.Rngs], M], count: int, rngs: nnx.Rngs) -> M:
+    """`count` independently initialised copies of a module, as one module whose parameters
+    have a leading [count] axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs: nnx.Rngs) -> M:
+        return make(rngs)
+
+    return build(rngs)
 
 
 def rope_inv_freq(config: NLDConfig) -> np.ndarray:
@@ -105,10 +127,9 @@ class Attention(nnx.Module):
         rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         return rotated.astype(x_btnh.dtype)
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, cache_k: jax.Array | None,
-                 cache_v: jax.Array | None, cache_lengths: jax.Array | None,
-                 causal: jax.Array | bool, lora_on: jax.Array | bool,
-                 attention_impl: str, block_mask: jax.Array | None = None
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, cache: KVCache | None,
+                 layer: jax.Array | int, causal: jax.Array | bool, lora_on: jax.Array | bool,
+                 block_mask: jax.Array | None, attention_kernel: bool
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_dnh[...])
         k = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_dkh[...])
@@ -120,8 +141,8 @@ class Attention(nnx.Module):
             floor = jnp.floor(positions_bt.astype(jnp.float32) / orig)
             q_scale = 1.0 + beta * jnp.log(1.0 + floor)
             q = q * q_scale[:, :, None, None].astype(q.dtype)
-        attn = attend(q, k, v, k_prefix=cache_k, v_prefix=cache_v, prefix_lengths=cache_lengths,
-                      causal=causal, block_mask=block_mask, impl=attention_impl)
+        attn = attend(q, k, v, cache=cache, layer=layer, causal=causal, block_mask=block_mask,
+                      kernel=attention_kernel)
         out = jnp.einsum("BTNH,NHD->BTD", attn, self.o_nhd[...])
         if self.lora is not None:
             delta = self.lora(attn).astype(out.dtype)
@@ -156,6 +177,13 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
+    def __call__(self, h_btd: jax.Array, positions_bt: jax.Array, **attention: object
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(hidden states after the layer, the block's K [B, T, K, H], its V)."""
+        attn_out, k, v = self.attn(self.input_norm(h_btd), positions_bt, **attention)
+        x = h_btd + attn_out
+        return x + self.mlp(self.post_attn_norm(x)), k, v
+
 
 class NLDModel(nnx.Module):
     """The Nemotron-Labs-Diffusion network: one set of weights, causal or bidirectional."""
@@ -168,22 +196,36 @@ class NLDModel(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.embed_vd = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        # Every parameter of `layers` has a leading [L] axis; `layer(i)` is one layer's view.
+        self.layers = _stacked(lambda r: DecoderLayer(config, dtype=dtype, rngs=r),
+                               config.num_hidden_layers, rngs)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.head_dv = nnx.Param(_normal(rngs, (config.hidden_size, config.vocab_size), dtype))
-        self.attention_impl = "auto"  # see nld_jax.attention
+        self.attention_impl = "auto"  # "auto" | "xla" | "pallas": see nld_jax.kernels
+        # How forward runs the layers: "scan" (one lax.scan: compile time independent of
+        # depth), "unroll" (a Python loop: L copies of the layer in the program) or "auto".
+        # "auto" is scan, except on a GPU backend: there XLA copies each layer's weights out of
+        # the stacked arrays when a scan slices them at a traced index, about three times the
+        # weight traffic per forward (BENCHMARKS.md), so it unrolls.
+        self.layer_loop = "auto"
 
     @property
     def has_lora(self) -> bool:
         """Whether the LinearSpec draft adapter is attached."""
-        return self.layers[0].attn.lora is not None
+        return self.layers.attn.lora is not None
 
     def attach_lora(self, rank: int, scale: float, *, rngs: nnx.Rngs) -> None:
         """Adds a fresh (zero-B) o_proj LoRA adapter to every layer."""
-        for layer in self.layers:
-            layer.attn.lora = nnx.data(OProjLoRA(self.config, rank, scale, dtype=self.dtype,
-                                                 rngs=rngs))
+        self.layers.attn.lora = nnx.data(_stacked(
+            lambda r: OProjLoRA(self.config, rank, scale, dtype=self.dtype, rngs=r),
+            self.config.num_hidden_layers, rngs))
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Layer i's parameters, sliced out of the stacked ones (a copy: for reading)."""
+        if not 0 <= i < self.config.num_hidden_layers:
+            raise IndexError(f"layer {i} of a {self.config.num_hidden_layers}-layer model")
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
     def __call__(self, tokens: jax.Array, causal: bool = True) -> jax.Array:
         """Full-sequence logits.
@@ -194,70 +236,69 @@ class NLDModel(nnx.Module):
         Returns:
           float32 [B, T, V].
         """
-        logits, _ = self.forward_block(tokens, None, causal=causal)
-        return logits
+        hidden, _ = self.forward(tokens, None, causal=causal)
+        return self.logits(hidden)
 
-    def forward_block(self, tokens: jax.Array, cache: KVCache | None, *,
-                      causal: jax.Array | bool, write: jax.Array | bool = False,
-                      lora_on: jax.Array | bool = False, logits_index: jax.Array | None = None,
-                      read_cache: bool = True, positions: jax.Array | None = None,
-                      block_mask: jax.Array | None = None,
-                      return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
+    def _unrolled(self) -> bool:
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop={self.layer_loop!r}; expected one of {LAYER_LOOPS}")
+        if self.layer_loop == "auto":
+            return jax.default_backend() == "gpu"
+        return self.layer_loop == "unroll"
+
+    def forward(self, tokens: jax.Array, cache: KVCache | None, *, causal: jax.Array | bool,
+                lora_on: jax.Array | bool = False, positions: jax.Array | None = None,
+                block_mask: jax.Array | None = None, attention_kernel: bool = False
+                ) -> tuple[jax.Array, BlockKV]:
         """A block of T tokens at positions cache.lengths[b] + (0..T-1) against the cache.
+
+        The cache is only read: the block's own K/V come back for the caller to write
+        (`cache.write(block_kv, at)`) when it commits them.
 
         Args:
           tokens: int [B, T].
           cache: the KV cache (None: no prefix, positions 0..T-1).
           causal: bool (may be traced): causal within the block, else bidirectional.
-          write: bool (may be traced): write the block's K/V at slots [L, L+T). The valid
-            lengths are never advanced here; the caller advances them on commit.
           lora_on: bool (may be traced), or bool [B, T] per token: apply the draft adapter.
-          logits_index: int [B]: compute logits only at this block position of each row (a
-            prefill needs one position, and [P, V] logits would dwarf the weights).
-          read_cache: static; False attends to the block alone (a prefill into an empty cache).
-          positions: int [B, T] RoPE positions overriding L + (0..T-1) (training).
-          block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal` (training,
-            quadratic self-speculation).
-          return_hidden: static; return the last layer's hidden states [B, T, D] instead of
-            logits, for a caller that needs `logits()` of only some positions.
+          positions: int [B, T] RoPE positions overriding the default (training, quadratic
+            self-speculation).
+          block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal`.
+          attention_kernel: static; attend with the Pallas kernel (chosen once per program by
+            nld_jax.kernels.Kernels; needs a cache and no block_mask).
         Returns:
-          (float32 logits [B, T, V] (or [B, 1, V] with logits_index; or hidden states), the cache
-          with the block written or untouched).
+          (the last layer's hidden states [B, T, D] (before the final norm), the block's K/V
+          [L, B, T, K, H]).
         """
         b, t = tokens.shape
-        starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+        if attention_kernel and (cache is None or block_mask is not None):
+            raise ValueError("the attention kernel needs a KV cache and no explicit block_mask")
         if positions is None:
+            starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         h = jnp.take(self.embed_vd[...], tokens, axis=0)
-        prefix_lengths = None if cache is None else cache.lengths
-        if cache is not None and not read_cache:
-            # The XLA path attends to the block alone; the kernel needs a cache, so it gets
-            # this one with no valid slot (it then reads no prefix tile at all).
-            probe = jax.ShapeDtypeStruct((b, t, 1, self.config.head_dim), self.dtype)
-            kernel = resolve_impl(self.attention_impl, probe, cache.k[0], block_mask)
-            read_cache = kernel == "pallas"
-            prefix_lengths = jnp.zeros_like(cache.lengths)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer_{i}"):
-                attn_out, k, v = layer.attn(
-                    layer.input_norm(h), positions,
-                    cache_k=cache.k[i] if cache is not None and read_cache else None,
-                    cache_v=cache.v[i] if cache is not None and read_cache else None,
-                    cache_lengths=prefix_lengths,
-                    causal=causal, lora_on=lora_on, attention_impl=self.attention_impl,
-                    block_mask=block_mask)
-                x = h + attn_out
-                h = x + layer.mlp(layer.post_attn_norm(x))
-                if cache is not None:
-                    new_k.append(write_block(cache.k[i], k, cache.lengths, write))
-                    new_v.append(write_block(cache.v[i], v, cache.lengths, write))
-        if logits_index is not None:
-            h = jnp.take_along_axis(h, logits_index[:, None, None].astype(jnp.int32), axis=1)
-        out = h if return_hidden else self.logits(h)
-        if cache is None:
-            return out, None
-        return out, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths)
+        graphdef, params = nnx.split(self.layers)
+
+        def run_layer(h: jax.Array, layer_params: nnx.State, i: jax.Array | int
+                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            h, k, v = nnx.merge(graphdef, layer_params)(
+                h, positions, cache=cache, layer=i, causal=causal, lora_on=lora_on,
+                block_mask=block_mask, attention_kernel=attention_kernel)
+            return h, (k, v)
+
+        num_layers = self.config.num_hidden_layers
+        if self._unrolled():
+            ks, vs = [], []
+            for i in range(num_layers):
+                with jax.named_scope(f"layer_{i}"):
+                    h, (k, v) = run_layer(h, jax.tree.map(lambda x, i=i: x[i], params), i)
+                ks.append(k)
+                vs.append(v)
+            k_stacked, v_stacked = jnp.stack(ks), jnp.stack(vs)
+        else:
+            h, (k_stacked, v_stacked) = jax.lax.scan(
+                lambda h, xs: run_layer(h, *xs), h,
+                (params, jnp.arange(num_layers, dtype=jnp.int32)))
+        return h, BlockKV(k=k_stacked, v=v_stacked)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The last layer's hidden states [B, T, D] -> float32 logits [B, T, V]."""

@@ -99,9 +99,10 @@ def joint_loss(model: NLDModel, tokens: jax.Array, loss_mask: jax.Array, rng: ja
     stream = jnp.concatenate([noisy, tokens], axis=1)
     positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), 2)[None, :].repeat(b, axis=0)
     lora_on = jnp.broadcast_to(jnp.arange(2 * length)[None, :] < length, (b, 2 * length))
-    logits, _ = model.forward_block(stream, None, causal=True, positions=positions,
-                                    block_mask=two_stream_mask(length, block_size),
-                                    lora_on=lora_on if lora_on_noisy else False)
+    hidden, _ = model.forward(stream, None, causal=True, positions=positions,
+                              block_mask=two_stream_mask(length, block_size),
+                              lora_on=lora_on if lora_on_noisy else False)
+    logits = model.logits(hidden)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     noisy_lp, clean_lp = log_probs[:, :length], log_probs[:, length:]
     # AR: clean position i predicts token i+1, on answer targets.

@@ -43,7 +43,7 @@ def _assert_same_model(a: nld_jax.NLDModel, b: nld_jax.NLDModel) -> None:
         np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
     assert a.has_lora == b.has_lora
     if a.has_lora:
-        assert a.layers[0].attn.lora.scale == b.layers[0].attn.lora.scale
+        assert a.layers.attn.lora.scale == b.layers.attn.lora.scale
     assert a.config == b.config
     np.testing.assert_array_equal(a(IDS), b(IDS))
     np.testing.assert_array_equal(a(IDS, causal=False), b(IDS, causal=False))
@@ -184,8 +184,9 @@ def test_bad_orbax_directories_raise_load_error(tmp_path):
     with pytest.raises(nld_jax.LoadError, match=r"params: parameter .*lora.* has shape"):
         nld_jax.load_model(dst)
     _edit_json(dst / ORBAX_MARKER, lora_rank=8)
-    _edit_json(dst / "config.json", num_hidden_layers=1)
-    with pytest.raises(nld_jax.LoadError, match=r"params: unexpected parameter\(s\)"):
+    _edit_json(dst / "config.json", num_hidden_layers=1)  # layers are stacked: [2, ...] stored
+    with pytest.raises(nld_jax.LoadError,
+                       match=r"params: parameter 'layers\..*' has shape \[2, .*expected \[1, "):
         nld_jax.load_model(dst)
     shutil.copy(SINGLE / "config.json", dst / "config.json")
     assert nld_jax.load_model(dst).has_lora  # repaired

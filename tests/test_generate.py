@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nld_jax
-from nld_jax.generate import TRACE_COUNTS
+from nld_jax.generate import _program
 from tests.conftest import GOLDEN_DIR
 
 
@@ -84,13 +84,13 @@ def test_budget_one_and_array_prompts(tiny_model):
 
 def test_no_recompile_within_a_bucket(tiny_model):
     nld_jax.generate(tiny_model, [[1, 2, 3], [4, 5]], max_new_tokens=10)
-    before = TRACE_COUNTS["ar"]
+    before = _program._cache_size()
     nld_jax.generate(tiny_model, [[7, 8, 9, 10, 11, 12], [1]], max_new_tokens=13,
                      temperature=0.7, top_p=0.9, seed=3)
     nld_jax.generate(tiny_model, [[2] * 16, [3] * 2], max_new_tokens=16)
-    assert TRACE_COUNTS["ar"] == before
+    assert _program._cache_size() == before
     nld_jax.generate(tiny_model, [[2] * 17, [3] * 2], max_new_tokens=16)  # next prompt bucket
-    assert TRACE_COUNTS["ar"] == before + 1
+    assert _program._cache_size() == before + 1
 
 
 def test_sampling_is_seeded_and_follows_temperature(tiny_model):

@@ -57,7 +57,7 @@ def test_lora_weights_are_peft_layout():
     tensors = load_file(str(SINGLE / "linear_spec_lora" / "adapter_model.safetensors"))
     a = tensors["base_model.model.encoder.layers.1.self_attn.o_proj.lora_A.weight"]
     b = tensors["base_model.model.encoder.layers.1.self_attn.o_proj.lora_B.weight"]
-    lora = model.layers[1].attn.lora
+    lora = model.layer(1).attn.lora
     assert lora.scale == 32 / 8
     x = np.random.default_rng(0).normal(size=(1, 1, 4, 32)).astype(np.float32)
     want = 4.0 * (x.reshape(1, 128) @ a.astype(np.float32).T @ b.astype(np.float32).T)

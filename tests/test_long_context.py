@@ -81,16 +81,14 @@ def test_cached_prefill_then_blocks_match_transformers(model, golden, block):
     cache = KVCache.empty(num_layers=c.num_hidden_layers, batch=1, capacity=total,
                           num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                           dtype=jnp.float32)
-    logits, cache = model.forward_block(ids[:, :prompt_len], cache, causal=True, write=True,
-                                        read_cache=False)
-    pieces = [np.asarray(logits)]
-    cache = cache.with_lengths(jnp.array([prompt_len]))
+    hidden, block_kv = model.forward(ids[:, :prompt_len], None, causal=True)
+    pieces = [np.asarray(model.logits(hidden))]
+    cache = cache.write(block_kv, cache.lengths).with_lengths(jnp.array([prompt_len]))
     for start in range(prompt_len, total, block):
         size = min(block, total - start)
-        logits, cache = model.forward_block(ids[:, start:start + size], cache, causal=True,
-                                            write=True)
-        cache = cache.advance(jnp.array([size]))
-        pieces.append(np.asarray(logits))
+        hidden, block_kv = model.forward(ids[:, start:start + size], cache, causal=True)
+        cache = cache.write(block_kv, cache.lengths).advance(jnp.array([size]))
+        pieces.append(np.asarray(model.logits(hidden)))
     cached = np.concatenate(pieces, axis=1)
     assert _rel_err(cached, golden["logits_f32"]) < F32_RTOL
     late = slice(prompt_len, None)

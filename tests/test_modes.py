@@ -7,7 +7,7 @@ import pytest
 
 import nld_jax
 from nld_jax import tiny
-from nld_jax.generate import TRACE_COUNTS
+from nld_jax.generate import _program
 from tests.conftest import GOLDEN_DIR
 
 
@@ -86,7 +86,7 @@ def test_sampling_modes_run_and_are_seeded(trained):
 def test_each_mode_compiles_once_per_bucket(trained):
     for mode in ("diffusion", "self_spec", "self_spec_quadratic"):
         nld_jax.generate(trained, _prompts(4, seed=1), mode=mode, max_new_tokens=12)
-        before = TRACE_COUNTS[mode]
+        before = _program._cache_size()
         nld_jax.generate(trained, _prompts(4, seed=2), mode=mode, max_new_tokens=16,
                          temperature=0.5, eos_token_ids=[2, 5])
         nld_jax.generate(trained, _prompts(4, seed=3), mode=mode, max_new_tokens=9,
@@ -94,7 +94,7 @@ def test_each_mode_compiles_once_per_bucket(trained):
         if mode == "diffusion":
             nld_jax.generate(trained, _prompts(4, seed=4), mode=mode, max_new_tokens=9,
                              threshold=0.7, denoise_steps=3)
-        assert TRACE_COUNTS[mode] == before, mode
+        assert _program._cache_size() == before, mode
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -109,12 +109,12 @@ def _first_two_token_marginals(model, prompt: list[int], temperature: float, lor
                           num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                           dtype=jnp.float32)
     prompts = jnp.tile(jnp.asarray(prompt)[None], (v, 1))
-    _, cache = model.forward_block(prompts, cache, causal=True, write=True)
-    cache = cache.advance(jnp.full((v,), len(prompt)))
+    _, block_kv = model.forward(prompts, cache, causal=True)
+    cache = cache.write(block_kv, cache.lengths).advance(jnp.full((v,), len(prompt)))
     seeds = jnp.arange(v)[:, None]
-    causal, _ = model.forward_block(seeds, cache, causal=True)
+    causal = model.logits(model.forward(seeds, cache, causal=True)[0])
     block = jnp.concatenate([seeds, jnp.full((v, 3), c.mask_token_id)], axis=1)
-    draft, _ = model.forward_block(block, cache, causal=False, lora_on=lora_on)
+    draft = model.logits(model.forward(block, cache, causal=False, lora_on=lora_on)[0])
     p = first @ jax.nn.softmax(causal[:, 0] / temperature)
     q = first @ jax.nn.softmax(draft[:, 1] / temperature)
     return np.asarray(p, np.float64), np.asarray(q, np.float64)
@@ -194,10 +194,10 @@ def _third_token_marginals(model, prompt: list[int], temperature: float):
     cache = KVCache.empty(num_layers=c.num_hidden_layers, batch=v, capacity=64,
                           num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                           dtype=jnp.float32)
-    _, cache = model.forward_block(ones, cache, causal=True, write=True)
-    cache = cache.advance(jnp.full((v,), len(prompt)))
+    _, block_kv = model.forward(ones, cache, causal=True)
+    cache = cache.write(block_kv, cache.lengths).advance(jnp.full((v,), len(prompt)))
     block = jnp.concatenate([t1, jnp.full((v, 3), c.mask_token_id)], axis=1)
-    draft, _ = model.forward_block(block, cache, causal=False, lora_on=True)
+    draft = model.logits(model.forward(block, cache, causal=False, lora_on=True)[0])
     q = first @ jax.nn.softmax(draft[:, 2] / temperature)
     return np.asarray(p, np.float64), np.asarray(q, np.float64)
 

@@ -2,7 +2,7 @@
 
 LinearSpec spends two forwards a cycle: a draft of the next block, then its verification. The
 quadratic variant merges the verification of this cycle's drafts with the drafting of the next
-block, for every acceptance length at once. With drafts [d_0 (= the seed), d_1..d_{T-1}] at
+block, for every acceptance length at once. With drafts [d_0 (= the pending token), d_1..d_{T-1}] at
 positions L..L+T-1, one forward runs T + T*T tokens:
 
     chain   d_0 .. d_{T-1}                  at L+i;      d_i sees the prefix and d_0..d_i
@@ -27,29 +27,37 @@ bidirectional blocks only).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nld_jax.cache import KVCache
 from nld_jax.decode import self_spec
-from nld_jax.decode.common import Budget, Sampler, Stream, run_loop
-from nld_jax.model import NLDModel
+from nld_jax.decode.common import Context, Mode, Room, extend, row_field
 
-__all__ = ["State", "init", "step", "done", "run", "block_layout"]
-
-Settings = self_spec.Settings
+__all__ = ["MODE", "Settings", "State", "init", "step", "block_layout"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class State:
-    """The cycle loop's carry: LinearSpec's, plus the drafts waiting for verification."""
+class Settings(self_spec.Settings):
+    """LinearSpec's settings; the block is T*(T+1) tokens with an explicit pattern."""
 
-    core: self_spec.State
-    drafts: jax.Array  # int32 [B, T]: position 0 is a placeholder for the seed
-    draft_logits: jax.Array  # float32 [B, T, V]: what each draft was drawn from
+    explicit_block_mask: ClassVar[bool] = True
+
+    def room(self) -> Room:
+        size = self.block_size
+        return Room(granule=size, write_ahead=size * (size + 1), whole_granules=False)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class State(self_spec.State):
+    """LinearSpec's carry, plus the drafts waiting for verification."""
+
+    drafts: jax.Array = row_field()  # int32 [B, T]: position 0 is a placeholder for `pending`
+    draft_logits: jax.Array = row_field()  # float32 [B, T, V]: what each draft was drawn from
 
 
 def block_layout(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,62 +80,55 @@ def block_layout(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return offsets, is_mask, visible
 
 
-def init(model: NLDModel, sampler: Sampler, cache: KVCache, seed: jax.Array, out_len: int,
-         budget: Budget, rng: jax.Array, settings: Settings) -> State:
-    """The state after the prefill emitted `seed` [B]: one draft-only forward bootstraps the
-    first drafts (counted as a forward)."""
-    rng, draft_key = jax.random.split(rng)
-    core = self_spec.init(cache, seed, out_len, budget, rng, settings)
+def init(ctx: Context, core: self_spec.State) -> State:
+    """LinearSpec's init, then one draft-only forward bootstraps the first drafts (counted as a
+    forward)."""
+    settings = ctx.settings
+    linear = self_spec.init(ctx, core)
+    rng, draft_key = jax.random.split(linear.rng)
 
     def bootstrap() -> jax.Array:
-        return self_spec.draft_block(model, cache, seed, settings.mask_token_id,
-                                     settings.block_size)
+        return self_spec.draft_block(ctx, linear.cache, linear.pending)
 
     def nothing() -> jax.Array:  # every row ended at the prefill: no forward to count
-        return jnp.zeros((seed.shape[0], settings.block_size, model.config.vocab_size),
-                         jnp.float32)
+        return jnp.zeros((linear.pending.shape[0], settings.block_size,
+                          ctx.model.config.vocab_size), jnp.float32)
 
-    ran = jnp.any(~core.finished)
+    ran = jnp.any(~linear.finished)
     draft_logits = jax.lax.cond(ran, bootstrap, nothing)
-    core = dataclasses.replace(core, num_forwards=core.num_forwards + ran.astype(jnp.int32),
-                               row_forwards=core.row_forwards + (~core.finished).astype(jnp.int32))
-    return State(core=core, drafts=sampler(draft_logits, draft_key), draft_logits=draft_logits)
+    linear = dataclasses.replace(
+        linear, rng=rng, num_forwards=linear.num_forwards + ran.astype(jnp.int32),
+        row_forwards=linear.row_forwards + (~linear.finished).astype(jnp.int32))
+    return extend(State, linear, accepted_histogram=linear.accepted_histogram,
+                  drafts=ctx.sampler(draft_logits, draft_key), draft_logits=draft_logits)
 
 
-def step(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
-         state: State) -> State:
+def step(ctx: Context, state: State) -> State:
     """One cycle: verify this block and draft the next one, in one forward."""
-    core, size = state.core, settings.block_size
-    b = core.seed.shape[0]
-    rng, draft_key, verify_key = jax.random.split(core.rng, 3)
+    settings = ctx.settings
+    size, b = settings.block_size, state.pending.shape[0]
+    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
     offsets, is_mask, visible = block_layout(size)
-    drafts = state.drafts.at[:, 0].set(core.seed)
+    drafts = state.drafts.at[:, 0].set(state.pending)
     tokens = jnp.concatenate(
         [drafts, jnp.full((b, size * size), settings.mask_token_id, jnp.int32)], axis=1)
-    hidden, cache = model.forward_block(
-        tokens, core.cache, causal=True, write=True,
+    hidden, block_kv = ctx.forward(
+        tokens, state.cache, causal=True,
         lora_on=jnp.broadcast_to(jnp.asarray(is_mask), tokens.shape),
-        positions=core.cache.lengths[:, None] + jnp.asarray(offsets)[None, :],
-        block_mask=jnp.asarray(visible), return_hidden=True)
-    verify_logits = model.logits(hidden[:, :size])
-    accepted, bonus = self_spec.accept(sampler, settings, verify_logits, drafts,
-                                       state.draft_logits, verify_key)
+        positions=state.cache.lengths[:, None] + jnp.asarray(offsets)[None, :],
+        block_mask=jnp.asarray(visible))
+    cache = state.cache.write(block_kv, state.cache.lengths)
+    verify_logits = ctx.logits(hidden[:, :size])
+    accepted, bonus = self_spec.accept(ctx, verify_logits, drafts, state.draft_logits,
+                                       verify_key)
     # Group `accepted` drafts the T positions after the last accepted token; its first mask's
     # slot is the bonus's.
     rows = size + accepted[:, None] * size + jnp.arange(size)[None, :]
-    group = jnp.take_along_axis(hidden, rows[:, :, None], axis=1)
-    draft_logits = model.logits(group)
-    core = self_spec.commit(core, cache, drafts, accepted, bonus, budget, rng, forwards=1)
-    return State(core=core, drafts=sampler(draft_logits, draft_key), draft_logits=draft_logits)
+    draft_logits = ctx.logits(jnp.take_along_axis(hidden, rows[:, :, None], axis=1))
+    state = self_spec.commit(ctx, state, cache, drafts, accepted, bonus, rng, forwards=1)
+    return dataclasses.replace(state, drafts=ctx.sampler(draft_logits, draft_key),
+                               draft_logits=draft_logits)
 
 
-def done(state: State) -> jax.Array:
-    """Every row has finished."""
-    return jnp.all(state.core.finished)
-
-
-def run(model: NLDModel, sampler: Sampler, budget: Budget, settings: Settings,
-        state: State, stream: Stream | None = None) -> State:
-    """Cycles until every row has finished; with `stream`, sends each cycle's tokens to the host."""
-    return run_loop(lambda s: step(model, sampler, budget, settings, s), done, state, stream,
-                    emitted=lambda s: s.core)
+MODE = Mode(name="self_spec_quadratic", settings=Settings, init=init, step=step,
+            stats=self_spec.stats)

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 import nld_jax
-from nld_jax.attention import on_hopper
 from nld_jax.cache import KVCache
+from nld_jax.kernels import Kernels, on_hopper
 from nld_jax.model import NLDModel
 from pallas_kernels.block_attention import (
     TuningConfig,
@@ -29,13 +29,12 @@ H100 = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDe
     device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
 
 
-@functools.partial(nnx.jit, static_argnames=("causal", "write", "read_cache"))
-def _forward(model: NLDModel, tokens, cache, causal: bool, write: bool = False,
-             read_cache: bool = True):
+@functools.partial(nnx.jit, static_argnames=("causal", "kernel"))
+def _forward(model: NLDModel, tokens, cache, causal: bool, kernel: bool):
     # One jitted program, not op-by-op: the interpreter's callbacks dispatch eager ops to the CPU
     # client, which can queue them behind eagerly dispatched ops that wait on the kernel itself
     # (a deadlock seen in CI). Every interpreted call is therefore jitted and awaited.
-    return model.forward_block(tokens, cache, causal=causal, write=write, read_cache=read_cache)
+    return model.forward(tokens, cache, causal=causal, attention_kernel=kernel)
 
 
 def _inputs(seed: int, b: int, t: int, n: int, k: int, h: int, s: int, layers: int = 1):
@@ -89,8 +88,8 @@ class TestInterpret:
         out = jax.block_until_ready(block_attention(
             q, kc, vc, lengths, kb, vb, True, jnp.int32(1), config,
             interpret=plgpu.InterpretGPUParams(), quadratic=size))
-        ref = attend(q, kb, vb, k_prefix=kc[1], v_prefix=vc[1], prefix_lengths=lengths,
-                     block_mask=jnp.asarray(block_layout(size)[2]), impl="xla")
+        ref = attend(q, kb, vb, cache=KVCache(k=kc, v=vc, lengths=lengths), layer=1,
+                     block_mask=jnp.asarray(block_layout(size)[2]))
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=ATOL)
         with pytest.raises(ValueError, match="quadratic"):
@@ -118,38 +117,36 @@ class TestInterpret:
         assert not np.isnan(np.asarray(row_max)).any()  # empty splits write -inf, not nothing
 
     def test_model_forward_with_kernel_equals_xla(self):
-        """The network with attention_impl="pallas" (interpreted) equals the XLA path."""
-        config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=1)
+        """The network with the attention kernel (interpreted) equals the XLA path; two layers,
+        so the kernel reads the stacked cache at the scan's traced layer index."""
+        config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=2)
         model = NLDModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        cache = KVCache.empty(num_layers=1, batch=2, capacity=128, num_kv_heads=2,
+        cache = KVCache.empty(num_layers=2, batch=2, capacity=128, num_kv_heads=2,
                               head_dim=64, dtype=jnp.bfloat16)
         tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, config.vocab_size)
-        model.attention_impl = "xla"
-        _, cache = model.forward_block(tokens, cache, causal=True, write=True)
-        cache = cache.advance(jnp.array([24, 10]))
+        _, block_kv = model.forward(tokens, cache, causal=True)
+        cache = cache.write(block_kv, cache.lengths).advance(jnp.array([24, 10]))
         block = tokens[:, :8]
         results = {}
-        for impl in ("xla", "pallas"):
-            model.attention_impl = impl
+        for kernel in (False, True):
             with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
                 for causal in (True, False):
-                    results[impl, causal] = np.asarray(jax.block_until_ready(
-                        _forward(model, block, cache, causal))[0])
+                    results[kernel, causal] = np.asarray(jax.block_until_ready(
+                        _forward(model, block, cache, causal, kernel))[0], np.float32)
         for causal in (True, False):
-            np.testing.assert_allclose(results["pallas", causal], results["xla", causal],
+            np.testing.assert_allclose(results[True, causal], results[False, causal],
                                        atol=0.05, rtol=0.05)
-        # A prefill (read_cache=False) runs the kernel with no valid prefix slot.
-        empty = KVCache.empty(num_layers=1, batch=2, capacity=64, num_kv_heads=2, head_dim=64,
+        # A prefill: the kernel reads an empty cache (no valid prefix slot), XLA no cache at all.
+        empty = KVCache.empty(num_layers=2, batch=2, capacity=64, num_kv_heads=2, head_dim=64,
                               dtype=jnp.bfloat16)
         prefill = {}
-        for impl in ("xla", "pallas"):
-            model.attention_impl = impl
+        for kernel in (False, True):
             with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-                logits, filled = jax.block_until_ready(
-                    _forward(model, tokens, empty, True, write=True, read_cache=False))
-            prefill[impl] = (np.asarray(logits), np.asarray(filled.k[0], np.float32))
-        np.testing.assert_allclose(prefill["pallas"][0], prefill["xla"][0], atol=0.05, rtol=0.05)
-        np.testing.assert_array_equal(prefill["pallas"][1], prefill["xla"][1])
+                hidden, block_kv = jax.block_until_ready(
+                    _forward(model, tokens, empty if kernel else None, True, kernel))
+            prefill[kernel] = (np.asarray(hidden, np.float32), np.asarray(block_kv.k, np.float32))
+        np.testing.assert_allclose(prefill[True][0], prefill[False][0], atol=0.05, rtol=0.05)
+        np.testing.assert_array_equal(prefill[True][1], prefill[False][1])
 
     def test_unsupported_inputs_raise(self):
         q, kc, vc, kb, vb = _inputs(0, 1, 4, 4, 1, 64, 128)
@@ -168,10 +165,9 @@ class TestInterpret:
             block_attention(*_inputs(0, 1, 4, 4, 1, 256, 256)[:3], jnp.array([4]),
                             *_inputs(0, 1, 4, 4, 1, 256, 256)[3:], True,
                             config=TuningConfig(block_q=128, block_kv=256))
-        model = NLDModel(nld_jax.NLDConfig.preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(0))
-        model.attention_impl = "pallas"
         with pytest.raises(NotImplementedError, match="bfloat16"):
-            model(jnp.zeros((1, 4), jnp.int32))
+            Kernels.choose("pallas", config=nld_jax.NLDConfig.preset("tiny", head_dim=64),
+                           dtype=jnp.float32, capacity=128, block_size=None)
 
 
 SHAPES = {name: nld_jax.NLDConfig.preset(name) for name in ("3B", "8B", "14B")}

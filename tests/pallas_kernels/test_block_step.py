@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nld_jax
-from nld_jax.attention import on_hopper
+from nld_jax.kernels import on_hopper
 from pallas_kernels.block_step import (
     TuningConfig,
     _stats_call,
@@ -122,7 +122,7 @@ def test_decode_loops_run_the_kernels_in_interpret_mode():
     """
     from flax import nnx
 
-    from nld_jax.generate import TRACE_COUNTS
+    from nld_jax.generate import _program
     from nld_jax.model import NLDModel
 
     config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=1, vocab_size=256,
@@ -135,11 +135,11 @@ def test_decode_loops_run_the_kernels_in_interpret_mode():
         model.attention_impl = impl
         with plgpu.force_gpu_interpret_mode(INTERPRET):
             for mode, kwargs in (("diffusion", dict(threshold=1e-3)), ("self_spec", {})):
-                before = TRACE_COUNTS[mode]
+                before = _program._cache_size()
                 outputs[impl, mode] = nld_jax.generate(model, prompts, mode=mode,
                                                        max_new_tokens=8, eos_token_ids=[255],
                                                        **kwargs)
-                assert TRACE_COUNTS[mode] == before + 1
+                assert _program._cache_size() == before + 1
     for mode in ("diffusion", "self_spec"):
         assert outputs["pallas", mode].tokens == outputs["xla", mode].tokens
         assert outputs["pallas", mode].num_forwards == outputs["xla", mode].num_forwards

@@ -146,7 +146,9 @@ class TestInterpret:
                     _forward(model, tokens, empty if kernel else None, True, kernel))
             prefill[kernel] = (np.asarray(hidden, np.float32), np.asarray(block_kv.k, np.float32))
         np.testing.assert_allclose(prefill[True][0], prefill[False][0], atol=0.05, rtol=0.05)
-        np.testing.assert_array_equal(prefill[True][1], prefill[False][1])
+        # The first layer's K comes from the embeddings alone; the second's through attention.
+        np.testing.assert_array_equal(prefill[True][1][0], prefill[False][1][0])
+        np.testing.assert_allclose(prefill[True][1], prefill[False][1], atol=0.05, rtol=0.05)
 
     def test_unsupported_inputs_raise(self):
         q, kc, vc, kb, vb = _inputs(0, 1, 4, 4, 1, 64, 128)

@@ -94,8 +94,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
             bar.total = total + 1  # every tensor, then the write
             bar.update()
 
+        # A VLM's vision weights too are stored in `dtype` (the released ones are bf16, so
+        # bf16 loses nothing); load_model casts them to its vision_dtype.
         model = nld_jax.load_model(src, dtype=dtype, lora=None if lora else False,
-                                   on_tensor=on_tensor)
+                                   on_tensor=on_tensor, vision_dtype=dtype)
         bar.set_description("write")
         with atomic.atomic_directory(dst, overwrite=overwrite) as tmp:
             _write(model, src, tmp, dtype)

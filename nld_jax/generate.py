@@ -32,6 +32,7 @@ from nld_jax.decode.common import (
 )
 from nld_jax.kernels import Kernels
 from nld_jax.model import NLDModel
+from nld_jax.vision import prepare_images
 
 __all__ = ["generate", "GenerationOutput", "MODES"]
 
@@ -112,7 +113,8 @@ class _Static:
 def _program(graphdef: nnx.GraphDef, state: nnx.State, settings: Any, prompts: jax.Array,
              prompt_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array,
              temperature: jax.Array, top_p: jax.Array, eos_ids: jax.Array,
-             stream: Stream | None, *, static: _Static) -> Any:
+             stream: Stream | None, images: tuple[jax.Array, jax.Array] | None, *,
+             static: _Static) -> Any:
     """Prefill and the whole decode loop of one mode, as one program.
 
     `settings` is the mode's Settings (its static fields are part of the program's identity).
@@ -129,7 +131,7 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, settings: Any, prompts: j
                           capacity=static.capacity, num_kv_heads=config.num_key_value_heads,
                           head_dim=config.head_dim, dtype=model.dtype)
     initial = start(ctx, static.mode, prompts, prompt_lengths, cache, static.out_len,
-                    max_new_tokens, rng)
+                    max_new_tokens, rng, images)
     return dataclasses.replace(run_loop(ctx, static.mode, initial, stream), cache=None)
 
 
@@ -212,7 +214,8 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
              denoise_steps: int | None = None, all_mask_init: bool = False,
              accept_rule: str = "exact",
              eos_token_ids: Sequence[int] | None = None,
-             stream: Callable[[list[list[int]]], None] | None = None) -> GenerationOutput:
+             stream: Callable[[list[list[int]]], None] | None = None,
+             images: Sequence[Sequence[np.ndarray]] | None = None) -> GenerationOutput:
     """Generates continuations of a ragged batch of prompts.
 
     Args:
@@ -242,6 +245,11 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
         when the decode loop starts (the prefill's token in AR and self_spec), then after every
         token (AR), block (diffusion) or cycle (self-spec). Streaming compiles its own program,
         which holds an ordered host callback; without it the program has none.
+      images: a VLM's images: per prompt, a list of its images in prompt order (float32
+        [3, H, W] from nld_jax.load_image; [] for a prompt without), each standing in the prompt
+        as its span of <|image_start|>, <|image_pad|> rows and <|image_end|> (see
+        nld_jax.vision.chat_prompt). They are encoded first (one program per image-size
+        bucket), then the prefill writes the image positions into the cache once.
     Returns:
       GenerationOutput.
     """
@@ -280,6 +288,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row
     lengths = np.array([len(r) for r in rows], np.int32)
+    spliced = prepare_images(model.vision, config, padded, images)
 
     graphdef, state = nnx.split(model)
     static = _Static(mode=decode_mode, capacity=capacity, out_len=out_len, top_k=top_k,
@@ -291,7 +300,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
             graphdef, state, settings, jnp.asarray(padded), jnp.asarray(lengths),
             jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
             jnp.float32(top_p), jnp.asarray(_pad_ids(eos_ids), jnp.int32),
-            None if stream_id is None else Stream(stream_id=jnp.int32(stream_id)),
+            None if stream_id is None else Stream(stream_id=jnp.int32(stream_id)), spliced,
             static=static))
     finally:
         if stream_id is not None:

@@ -82,14 +82,18 @@ class _Rule:
 
     path: tuple[str | int, ...]  # path in nnx.to_pure_dict(state)
     hf_shape: tuple[int, ...]  # shape in the file ([out, in] for Linear)
-    transposed: bool  # Linear [out, in] -> [in, ...out] (then reshaped to the parameter's shape)
+    # Linear [out, in] -> [in, out] (then reshaped to the parameter's shape); a conv
+    # [out, C, kh, kw] flattens its input axes first: [C * kh * kw, out].
+    transposed: bool
     layer: int | None = None  # the index in the parameter's leading [L] axis (stacked layers)
 
     def to_flax(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return w.T.reshape(shape) if self.transposed else w
+        return w.reshape(w.shape[0], -1).T.reshape(shape) if self.transposed else w
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
-        return w.reshape(self.hf_shape[::-1]).T if self.transposed else w
+        if not self.transposed:
+            return w
+        return w.reshape(-1, self.hf_shape[0]).T.reshape(self.hf_shape)
 
 
 def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
@@ -120,6 +124,42 @@ def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
             pre + "mlp.up_proj.weight": _Rule(("layers", "mlp", "up_df"), (f, d), True, i),
             pre + "mlp.down_proj.weight": _Rule(("layers", "mlp", "down_fd"), (d, f), True, i),
         })
+    if c.multimodal is not None:
+        rules.update(_vision_rules(c))
+    return rules
+
+
+def _vision_rules(c: NLDConfig) -> dict[str, _Rule]:
+    """The VLM's tower and projector tensors (spec/vlm.md section 2) -> rules."""
+    assert c.multimodal is not None
+    v, e = c.multimodal.vision, c.hidden_size
+    d, n, h, f = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size
+    tower, proj = "encoder.vision_tower.", "encoder.multi_modal_projector."
+    rules = {
+        tower + "patch_conv.weight": _Rule(("vision", "patch_pd"),
+                                           (d, v.num_channels, v.patch_size, v.patch_size), True),
+        tower + "ln_pre.weight": _Rule(("vision", "ln_pre_d"), (d,), False),
+        proj + "norm.weight": _Rule(("vision", "proj_norm_d"), (d,), False),
+        proj + "patch_merger.merging_layer.weight": _Rule(("vision", "merge_kd"), (d, 4 * d),
+                                                          True),
+        proj + "linear_1.weight": _Rule(("vision", "linear_1_de"), (e, d), True),
+        proj + "linear_2.weight": _Rule(("vision", "linear_2_ee"), (e, e), True),
+    }
+    per_layer = {
+        "attention_norm.weight": ("attn_norm_ld", (d,), False),
+        "ffn_norm.weight": ("ffn_norm_ld", (d,), False),
+        "attention.q_proj.weight": ("q_ldnh", (n * h, d), True),
+        "attention.k_proj.weight": ("k_ldnh", (n * h, d), True),
+        "attention.v_proj.weight": ("v_ldnh", (n * h, d), True),
+        "attention.o_proj.weight": ("o_lnhd", (d, n * h), True),
+        "feed_forward.gate_proj.weight": ("gate_ldf", (f, d), True),
+        "feed_forward.up_proj.weight": ("up_ldf", (f, d), True),
+        "feed_forward.down_proj.weight": ("down_lfd", (d, f), True),
+    }
+    for i in range(v.num_hidden_layers):
+        for name, (param, shape, transposed) in per_layer.items():
+            rules[f"{tower}transformer.layers.{i}.{name}"] = _Rule(("vision", param), shape,
+                                                                   transposed, i)
     return rules
 
 
@@ -207,12 +247,13 @@ def _check_tensors(rules: dict[str, _Rule], files: dict[str, str], where: str) -
                                     f"{sorted(_FLOAT_DTYPES)}")
 
 
-def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: jnp.dtype,
-          check_finite: bool, on_tensor: Callable[[str, int], None] | None = None
+def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, check_finite: bool,
+          on_tensor: Callable[[str, int], None] | None = None
           ) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
-    """Yields (parameter path, array) one parameter at a time; on_tensor(name, total) after each
-    tensor. A stacked layer parameter is yielded once all L of its tensors have been read (the
-    files are read in order, so only the layers' pieces wait in host memory)."""
+    """Yields (parameter path, array in the dtype of its struct in `shapes`) one parameter at a
+    time; on_tensor(name, total) after each tensor. A stacked layer parameter is yielded once
+    all L of its tensors have been read (the files are read in order, so only the layers'
+    pieces wait in host memory)."""
     pending: dict[tuple[str | int, ...], dict[int, np.ndarray]] = {}
     for name in sorted(files, key=lambda n: (files[n], n)):
         with _open(files[name]) as handle:
@@ -224,7 +265,7 @@ def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, dtype: j
         if check_finite and not np.isfinite(raw).all():
             raise LoadError(f"{files[name]}: tensor {name!r} contains NaN or Inf")
         rule = rules[name]
-        shape = _get(shapes, rule.path).shape
+        shape, dtype = _get(shapes, rule.path).shape, _get(shapes, rule.path).dtype
         if rule.layer is None:
             yield rule.path, jnp.asarray(rule.to_flax(raw, shape), dtype=dtype)
         else:
@@ -287,12 +328,13 @@ def _lora_source(config: NLDConfig, lora_dir: str
     return (rank, scale), lora_rules, lora_files
 
 
-def _abstract(config: NLDConfig, dtype: jnp.dtype, lora: tuple[int, float] | None
+def _abstract(config: NLDConfig, dtype: jnp.dtype, lora: tuple[int, float] | None,
+              vision_dtype: jnp.dtype | str = "float32"
               ) -> tuple[nnx.GraphDef, nnx.State, dict]:
     """The model built with nnx.eval_shape: (graphdef, abstract state, pure dict of structs)."""
 
     def build() -> NLDModel:
-        model = NLDModel(config, dtype=dtype, rngs=nnx.Rngs(0))
+        model = NLDModel(config, dtype=dtype, vision_dtype=vision_dtype, rngs=nnx.Rngs(0))
         if lora is not None:
             model.attach_lora(*lora, rngs=nnx.Rngs(0))
         return model
@@ -391,7 +433,8 @@ def _attach_tokenizer(model: NLDModel, tokenizer: Tokenizer | None) -> NLDModel:
 def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
                lora: bool | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
                *, check_finite: bool = True,
-               on_tensor: Callable[[str, int], None] | None = None) -> NLDModel:
+               on_tensor: Callable[[str, int], None] | None = None,
+               vision_dtype: str | jnp.dtype = "float32") -> NLDModel:
     """Loads a released checkpoint directory, or its Orbax copy, into an NLDModel.
 
     Args:
@@ -400,6 +443,8 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
         local path exists, a Hugging Face Hub repo id ("owner/name"), downloaded with
         huggingface_hub (the `hub` extra) into its cache.
       dtype: "bfloat16" or "float32", for parameters and activations.
+      vision_dtype: a VLM's vision tower and projector: "float32" (default: its activations
+        reach the thousands, spec/vlm.md 3.7) or "bfloat16".
       lora: None: the directory's adapter if present (linear_spec_lora/, or the one stored in
         the Orbax copy); False: no adapter; a path: that PEFT adapter directory.
       mesh: place every parameter replicated on this mesh (default: the default device).
@@ -415,9 +460,10 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
         config = NLDConfig.from_json(model_dir)
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    jdtype = jnp.dtype(dtype)
-    if jdtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        raise LoadError(f"{dtype=} is not supported; use 'bfloat16' or 'float32'")
+    jdtype, jvision = jnp.dtype(dtype), jnp.dtype(vision_dtype)
+    for name, value in (("dtype", jdtype), ("vision_dtype", jvision)):
+        if value not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+            raise LoadError(f"{name}={value} is not supported; use 'bfloat16' or 'float32'")
     if lora is True:
         raise LoadError("lora=True is ambiguous: pass None (auto), False or a directory")
     lora_dir = None
@@ -453,15 +499,16 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
         except TokenizerError as e:
             raise LoadError(str(e)) from None
 
-    graphdef, abstract_state, values = _abstract(config, jdtype, lora_spec)
+    graphdef, abstract_state, values = _abstract(config, jdtype, lora_spec, jvision)
     if orbax:
-        stored = values if lora_spec == stored_lora else _abstract(config, jdtype, stored_lora)[2]
+        stored = values if lora_spec == stored_lora else _abstract(config, jdtype, stored_lora,
+                                                                   jvision)[2]
         restored = {name: array for name, array in
                     _dotted(_restore_orbax(model_dir, stored, mesh, check_finite)).items()
                     if lora is None or ".lora." not in name}  # lora=False or a path: not stored
         values = jax.tree_util.tree_map_with_path(
             lambda p, leaf: restored.get(_dotted_key(p), leaf), values)
-    for param_path, array in _read(rules, files, values, jdtype, check_finite, on_tensor):
+    for param_path, array in _read(rules, files, values, check_finite, on_tensor):
         _set(values, param_path, array)
     # Every parameter must have come from the files: none may stay abstract.
     leaves = jax.tree_util.tree_leaves_with_path(values)

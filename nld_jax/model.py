@@ -28,6 +28,7 @@ from flax import nnx
 from nld_jax.attention import attend
 from nld_jax.cache import BlockKV, KVCache
 from nld_jax.config import NLDConfig
+from nld_jax.vision import VisionEncoder, embed_with_images, prepare_images
 
 __all__ = ["NLDModel", "LAYER_LOOPS", "rope_inv_freq"]
 
@@ -189,12 +190,16 @@ class NLDModel(nnx.Module):
     """The Nemotron-Labs-Diffusion network: one set of weights, causal or bidirectional."""
 
     def __init__(self, config: NLDConfig, *, dtype: jnp.dtype | str = jnp.bfloat16,
-                 rngs: nnx.Rngs):
+                 vision_dtype: jnp.dtype | str = jnp.float32, rngs: nnx.Rngs):
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
             raise ValueError(f"{dtype=} is not supported; use bfloat16 or float32")
         self.config = config
         self.dtype = dtype
+        # The VLM's tower + projector (float32 by default: spec/vlm.md 3.7); None for text.
+        self.vision: VisionEncoder | None = nnx.data(
+            None if config.multimodal is None
+            else VisionEncoder(config, dtype=vision_dtype, rngs=rngs))
         self.embed_vd = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), dtype))
         # Every parameter of `layers` has a leading [L] axis; `layer(i)` is one layer's view.
         self.layers = _stacked(lambda r: DecoderLayer(config, dtype=dtype, rngs=r),
@@ -227,16 +232,23 @@ class NLDModel(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
-    def __call__(self, tokens: jax.Array, causal: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, causal: bool = True,
+                 images: list[list[np.ndarray]] | None = None) -> jax.Array:
         """Full-sequence logits.
 
         Args:
           tokens: int [B, T] at positions 0..T-1.
           causal: True for the AR pattern, False for every position attending to every position.
+          images: VLM only: per row, that row's images in prompt order (float32 [3, H, W] as
+            nld_jax.load_image returns them; [] for a row without), one image span each in
+            the row's tokens; the <|image_pad|> embeddings are replaced by their features.
         Returns:
           float32 [B, T, V].
         """
-        hidden, _ = self.forward(tokens, None, causal=causal)
+        spliced = None
+        if images is not None or self.vision is not None:  # a VLM checks its image spans
+            spliced = prepare_images(self.vision, self.config, np.asarray(tokens), images)
+        hidden, _ = self.forward(tokens, None, causal=causal, images=spliced)
         return self.logits(hidden)
 
     def _unrolled(self) -> bool:
@@ -248,7 +260,8 @@ class NLDModel(nnx.Module):
 
     def forward(self, tokens: jax.Array, cache: KVCache | None, *, causal: jax.Array | bool,
                 lora_on: jax.Array | bool = False, positions: jax.Array | None = None,
-                block_mask: jax.Array | None = None, attention_kernel: bool = False
+                block_mask: jax.Array | None = None, attention_kernel: bool = False,
+                images: tuple[jax.Array, jax.Array] | None = None
                 ) -> tuple[jax.Array, BlockKV]:
         """A block of T tokens at positions cache.lengths[b] + (0..T-1) against the cache.
 
@@ -265,6 +278,8 @@ class NLDModel(nnx.Module):
           block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal`.
           attention_kernel: static; attend with the Pallas kernel (chosen once per program by
             nld_jax.kernels.Kernels; needs a cache and no block_mask).
+          images: (features [F, D], feature_index int [B, T]) from vision.prepare_images: the
+            embedding of each position with an index >= 0 is replaced by that feature row.
         Returns:
           (the last layer's hidden states [B, T, D] (before the final norm), the block's K/V
           [L, B, T, K, H]).
@@ -276,6 +291,8 @@ class NLDModel(nnx.Module):
             starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         h = jnp.take(self.embed_vd[...], tokens, axis=0)
+        if images is not None:
+            h = embed_with_images(h, *images)
         graphdef, params = nnx.split(self.layers)
 
         def run_layer(h: jax.Array, layer_params: nnx.State, i: jax.Array | int

@@ -32,7 +32,7 @@ from nld_jax.config import MultimodalConfig, NLDConfig
 from nld_jax.image import ImageError, image_token_ids, load_image
 
 __all__ = ["VisionEncoder", "encode_images", "image_feature_index", "embed_with_images",
-           "patch_bucket", "check_images", "chat_prompt"]
+           "patch_bucket", "check_images", "chat_prompt", "prepare_images"]
 
 _MERGE = 2  # spatial_merge_size (the config only allows 2)
 
@@ -286,6 +286,48 @@ def image_feature_index(tokens: np.ndarray, images: Sequence[Sequence[np.ndarray
             raise ImageError(f"prompt {b}: <|image_pad|> ({mm.image_token_id}) at position "
                              f"{int(stray[0])} outside any image span")
     return index
+
+
+def prepare_images(encoder: VisionEncoder | None, config: NLDConfig, tokens: np.ndarray,
+                   images: Sequence[Sequence[np.ndarray]] | None
+                   ) -> tuple[jax.Array, jax.Array] | None:
+    """Host side of a batch's images: checked, encoded (one program per patch bucket), indexed.
+
+    Args:
+      encoder: the model's vision encoder (None for a text-only model).
+      tokens: int [B, T] prompts (right padding allowed).
+      images: per row, a list of that row's images in prompt order ([] for none), or None.
+    Returns:
+      None when there is no image, else (features [F, E] float, F padded to a power of two
+      so that similar requests share programs; feature_index int32 [B, T]) for
+      NLDModel.forward(images=...).
+    Raises:
+      ImageError: images for a text-only model, a row count or span layout that does not match,
+        image spans in a prompt without images, or a bad image.
+    """
+    tokens = np.asarray(tokens)
+    if images is None:
+        if config.multimodal is not None and (tokens == config.multimodal.image_token_id).any():
+            raise ImageError("the prompts hold <|image_pad|> tokens but no images were passed "
+                             "(images=[[...], ...], one list per prompt)")
+        return None
+    if encoder is None or config.multimodal is None:
+        raise ImageError("images were passed to a text-only model (its config.json has no "
+                         "vision_config)")
+    if isinstance(images, np.ndarray) or not isinstance(images, Sequence) or any(
+            isinstance(row, np.ndarray) or not isinstance(row, Sequence) for row in images):
+        raise ImageError("images must be a list with one list of images per prompt, e.g. "
+                         "[[image], []]")
+    rows = [check_images(row, config.multimodal, where=f"images[{b}]")
+            for b, row in enumerate(images)]
+    index = image_feature_index(tokens, rows, config.multimodal)
+    flat = [image for row in rows for image in row]
+    if not flat:
+        return None
+    features = jnp.concatenate(encode_images(encoder, flat))
+    count = features.shape[0]
+    features = jnp.pad(features, ((0, (1 << (count - 1).bit_length()) - count), (0, 0)))
+    return features, jnp.asarray(index)
 
 
 def embed_with_images(embeds_btd: jax.Array, features_fe: jax.Array,

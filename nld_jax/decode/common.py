@@ -137,13 +137,14 @@ class Context:
 
     def forward(self, tokens: jax.Array, cache: KVCache | None, *, causal: jax.Array | bool,
                 lora_on: jax.Array | bool = False, positions: jax.Array | None = None,
-                block_mask: jax.Array | None = None) -> tuple[jax.Array, BlockKV]:
+                block_mask: jax.Array | None = None,
+                images: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, BlockKV]:
         """model.forward with the program's attention kernel wherever it applies (a cache, no
         explicit block mask)."""
         kernel = self.kernels.attention and cache is not None and block_mask is None
         return self.model.forward(tokens, cache, causal=causal, lora_on=lora_on,
                                   positions=positions, block_mask=block_mask,
-                                  attention_kernel=kernel)
+                                  attention_kernel=kernel, images=images)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The head on the hidden states of the rows a step needs."""
@@ -217,7 +218,8 @@ def emit_pending[S: Core](ctx: Context, state: S, rows: jax.Array) -> S:
 
 
 def start(ctx: Context, mode: Mode, prompts: jax.Array, prompt_lengths: jax.Array,
-          cache: KVCache, out_len: int, max_new_tokens: jax.Array, rng: jax.Array) -> Core:
+          cache: KVCache, out_len: int, max_new_tokens: jax.Array, rng: jax.Array,
+          images: tuple[jax.Array, jax.Array] | None = None) -> Core:
     """The prefill and the mode's init: the state its loop starts from.
 
     Args:
@@ -229,8 +231,12 @@ def start(ctx: Context, mode: Mode, prompts: jax.Array, prompt_lengths: jax.Arra
         needs a cache to read, so it gets this one with no valid slot (it reads no prefix tile).
       out_len: O, the output buffer per row.
       max_new_tokens: int32 [B] each row's budget.
+      images: (features [F, D], feature_index [B, P]) of a VLM's prompt images: their rows
+        replace the <|image_pad|> embeddings, so the image positions' K/V enter the cache here,
+        once, and every mode then decodes as for text.
     """
-    hidden, block_kv = ctx.forward(prompts, cache if ctx.kernels.attention else None, causal=True)
+    hidden, block_kv = ctx.forward(prompts, cache if ctx.kernels.attention else None, causal=True,
+                                   images=images)
     # Only the last prompt token's logits are needed: [B, P, V] would dwarf the weights.
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
     cache = cache.write(block_kv, jnp.zeros_like(prompt_lengths)).with_lengths(prompt_lengths)

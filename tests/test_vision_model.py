@@ -149,3 +149,18 @@ def test_loading_is_strict_and_round_trips(tmp_path, model, golden):
         assert loaded.config == model.config
         logits = loaded(jnp.asarray(golden["ids_one"])[None], images=[[golden["image_a"]]])
         np.testing.assert_allclose(np.asarray(logits[0]), golden["logits_one"], atol=F32_TOL)
+
+
+@pytest.mark.slow
+def test_vlm_example_runs_every_mode_on_the_committed_image():
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "examples/vlm.py", "--max-new-tokens", "8"],
+                            capture_output=True, text=True, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "224x168 px, 6x8 image tokens" in result.stdout
+    for mode in nld_jax.MODES:
+        assert any(line.startswith(mode + " ") for line in result.stdout.splitlines())
+    assert "== greedy ar: True" in result.stdout

@@ -11,6 +11,7 @@ self-speculation must reproduce greedy AR exactly, image or not; the script chec
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -38,7 +39,8 @@ def main() -> None:
 
     config = tiny_vlm_config()
     mm = config.multimodal
-    with tempfile.TemporaryDirectory() as checkpoint:
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = os.path.join(scratch, "tiny-vlm")
         save_model(nld_jax.NLDModel(config, dtype="float32", rngs=nnx.Rngs(0)), checkpoint,
                    dtype="float32")
         model = nld_jax.load_model(checkpoint, dtype="float32")

@@ -2,7 +2,7 @@
 
     nld-generate MODEL "prompt" --mode self_spec [--chat] [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--accept-rule exact|match] [--block-size B]
-                 [--threshold X]
+                 [--threshold X] [--image PATH ...]
 
 The text goes to stdout as the program commits it (per token in AR, per block or cycle in the
 block modes: generate(stream=...) calls back from inside the one compiled program); a summary
@@ -216,7 +216,36 @@ def _parser() -> OneLineParser:
                              "sample-and-match")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="a VLM checkpoint: an image placed before the prompt text "
+                             "(repeatable; in the user turn with --chat)")
     return parser
+
+
+def _image_prompt(model: nld_jax.NLDModel, tokenizer: Tokenizer, args: argparse.Namespace
+                  ) -> tuple[list[int], list[Any]]:
+    """The prompt with --image files before the text: (ids, images)."""
+    from nld_jax.image import image_token_ids
+    from nld_jax.vision import chat_prompt
+
+    mm = model.config.multimodal
+    if mm is None:
+        raise UsageError(f"--image needs a VLM checkpoint; {args.model} has no vision_config")
+    content = [{"type": "image", "image": path} for path in args.image]
+    if args.chat:
+        return chat_prompt(tokenizer, [{"role": "user", "content": content + [
+            {"type": "text", "text": args.prompt}]}], mm, enable_thinking=args.thinking)
+    images = [nld_jax.load_image(path, max_image_size=mm.max_image_size,
+                                 background=mm.image_background) for path in args.image]
+    text = tokenizer.encode(args.prompt)
+    bos = text[:1] if text[:1] == [tokenizer.bos_token_id] else []
+    prompt = list(bos)
+    for image in images:
+        prompt += image_token_ids(image.shape[1] // mm.token_pixels,
+                                  image.shape[2] // mm.token_pixels,
+                                  start_id=mm.image_start_token_id, pad_id=mm.image_token_id,
+                                  break_id=mm.image_break_token_id, end_id=mm.image_end_token_id)
+    return prompt + text[len(bos):], images
 
 
 @exit_on_interrupt("nld-generate", at_once=True)
@@ -231,7 +260,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
             raise UsageError(f"{args.model}: no tokenizer.json, so text cannot be encoded")
-        if args.chat:
+        images = None
+        if args.image:
+            prompt, images = _image_prompt(model, tokenizer, args)
+        elif args.chat:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                    enable_thinking=args.thinking)
         else:
@@ -240,7 +272,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              block_size=args.block_size, threshold=args.threshold,
                              top_k=args.top_k, top_p=args.top_p, accept_rule=args.accept_rule,
-                             seed=args.seed)
+                             seed=args.seed, images=None if images is None else [images])
     except (UsageError, ValueError, OSError) as e:  # LoadError and TokenizerError included
         message = " ".join(str(e).split())  # one line, whatever the exception holds
         print(f"nld-generate: error: {message}", file=stderr)

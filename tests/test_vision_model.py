@@ -7,6 +7,7 @@ greedy diffusion / self-speculation by the text oracle fed the spliced embedding
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -164,3 +165,41 @@ def test_vlm_example_runs_every_mode_on_the_committed_image():
     for mode in nld_jax.MODES:
         assert any(line.startswith(mode + " ") for line in result.stdout.splitlines())
     assert "== greedy ar: True" in result.stdout
+
+
+def test_cli_image_flag(tmp_path):
+    import io
+
+    from flax import nnx
+
+    from nld_jax import cli, tiny
+    from nld_jax.config import MultimodalConfig, NLDConfig, VisionConfig
+
+    house = pathlib.Path(__file__).parents[1] / "examples" / "images" / "house.png"
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, head_dim=8)
+    config = dataclasses.replace(nld_jax.NLDConfig.from_json(tiny.TINY_MODEL_DIR),
+                                 vocab_size=24,  # room for the image ids 18-21 past the tiny vocabulary
+                                 multimodal=MultimodalConfig(vision=vision, max_image_size=112))
+    assert isinstance(config, NLDConfig)
+    checkpoint = tmp_path / "tiny-vlm"
+    save_model(nld_jax.NLDModel(config, dtype="float32", rngs=nnx.Rngs(0)), checkpoint,
+               dtype="float32")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny.TINY_MODEL_DIR / name, checkpoint / name)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(list(argv), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    status, _, err = run(str(checkpoint), "sort 3 1 2", "--image", str(house), "--image",
+                         str(house), "--mode", "self_spec", "--dtype", "float32",
+                         "--max-new-tokens", "4")
+    assert status == 0, err
+    assert "tokens/forward" in err
+    status, _, err = run(str(checkpoint), "x", "--image", str(tmp_path / "none.png"),
+                         "--dtype", "float32")
+    assert status == 2 and "no such image file" in err
+    status, _, err = run(str(tiny.TINY_MODEL_DIR), "x", "--image", str(house))
+    assert status == 2 and "needs a VLM checkpoint" in err

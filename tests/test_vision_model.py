@@ -179,7 +179,7 @@ def test_cli_image_flag(tmp_path):
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=4, head_dim=8)
     config = dataclasses.replace(nld_jax.NLDConfig.from_json(tiny.TINY_MODEL_DIR),
-                                 vocab_size=24,  # room for the image ids 18-21 past the tiny vocabulary
+                                 vocab_size=24,  # room for the image ids 18-21
                                  multimodal=MultimodalConfig(vision=vision, max_image_size=112))
     assert isinstance(config, NLDConfig)
     checkpoint = tmp_path / "tiny-vlm"

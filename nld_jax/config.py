@@ -162,9 +162,11 @@ class NLDConfig:
     dlm_paradigm: str = "bidirectional"
     # The VLM's vision tower and projector; None for a text-only model.
     multimodal: MultimodalConfig | None = None
+    # Where the values came from, for error messages (from_dict passes the file); not a field.
+    source: dataclasses.InitVar[str] = "NLDConfig"
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __post_init__(self, source: str) -> None:
+        self.validate(source)
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str = "NLDConfig") -> None:
@@ -322,9 +324,8 @@ class NLDConfig:
             if not isinstance(rope, dict):
                 fail(f"rope_scaling must be an object, got {rope!r}")
             theta = required("rope_theta")
+        # An unsupported rope_type is named by validate() (no yarn fields are read for it).
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in _ROPE_TYPES:
-            fail(f"rope_type={rope_type!r} is not supported (expected one of {_ROPE_TYPES})")
         yarn: dict[str, Any] = {}
         if rope_type == "yarn":
             yarn = dict(
@@ -339,7 +340,7 @@ class NLDConfig:
                 rope_truncate=rope.get("truncate", True),
             )
         llama4_beta = rope.get("llama_4_scaling_beta")
-        if llama4_beta is not None and rope_type != "yarn":
+        if llama4_beta is not None and rope_type == "default":
             fail("llama_4_scaling_beta needs original_max_position_embeddings (a yarn rope)")
 
         multimodal = _multimodal_from_dict(raw, fail) if _is_vlm(raw) else None
@@ -369,10 +370,9 @@ class NLDConfig:
                 block_size=raw.get("block_size", 32),
                 dlm_paradigm=raw.get("dlm_paradigm", "bidirectional"),
                 multimodal=multimodal,
+                source=source,
                 **yarn,
             )
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("NLDConfig:", f"{source}:", 1)) from None
         except (TypeError, ValueError) as e:
             fail(f"bad field value ({e})")
             raise  # unreachable; keeps type checkers quiet

@@ -19,6 +19,7 @@ F tower MLP width, M merged tokens (T / 4), E text width.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +68,9 @@ class VisionEncoder(nnx.Module):
         self.mm = mm
         self.text_eps = config.rms_norm_eps
         self.dtype = dtype
+        # Queries per attention chunk: the float32 scores [N, chunk, T] of one chunk are live at a
+        # time, not [N, T, T] (a 1400 px image: 640 MiB instead of 6.25 GiB per layer).
+        self.query_chunk = 1024
         # Tower.
         self.patch_pd = nnx.Param(_normal(rngs, (p, d), dtype))
         self.ln_pre_d = nnx.Param(jnp.ones((d,), dtype))
@@ -126,9 +130,7 @@ class VisionEncoder(nnx.Module):
             q = rotate(jnp.einsum("BTD,DNH->BTNH", y, wq))
             k = rotate(jnp.einsum("BTD,DNH->BTNH", y, wk))
             val = jnp.einsum("BTD,DNH->BTNH", y, wv)
-            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(scores * scale + key_bias, axis=-1).astype(dtype)
-            attn = jnp.einsum("BNTS,BSNH->BTNH", probs, val)
+            attn = self._attend(q, k, val, key_bias, scale)
             h = h + jnp.einsum("BTNH,NHD->BTD", attn, wo)
             y = _rms_norm(h, ffn_norm, eps)
             mlp = jax.nn.silu(jnp.einsum("BTD,DF->BTF", y, gate)) * jnp.einsum(
@@ -138,6 +140,22 @@ class VisionEncoder(nnx.Module):
         with jax.named_scope("vision_tower"):
             x, _ = jax.lax.scan(layer, x, weights)
         return x
+
+    def _attend(self, q_btnh: jax.Array, k_bsnh: jax.Array, v_bsnh: jax.Array,
+                key_bias: jax.Array, scale: float) -> jax.Array:
+        """Full attention over the image's patches, queries in chunks of `query_chunk`."""
+
+        def chunk(q: jax.Array) -> jax.Array:
+            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_bsnh, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(scores * scale + key_bias, axis=-1).astype(v_bsnh.dtype)
+            return jnp.einsum("BNTS,BSNH->BTNH", probs, v_bsnh)
+
+        b, t, n, h = q_btnh.shape
+        size = math.gcd(t, self.query_chunk)  # buckets are 4..7 x 2^k: a power-of-two divisor
+        if t <= self.query_chunk or size < self.query_chunk // 4:
+            return chunk(q_btnh)
+        chunks = q_btnh.reshape(b, t // size, size, n, h).swapaxes(0, 1)
+        return jax.lax.map(chunk, chunks).swapaxes(0, 1).reshape(b, t, n, h)
 
     def project(self, hidden_btd: jax.Array, merge_bm4: jax.Array) -> jax.Array:
         """Tower output -> image-token features [B, M, E] (float32 of the vision dtype).

@@ -190,3 +190,15 @@ def test_chat_prompt_places_image_spans(tmp_path):
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}], mm)
     with pytest.raises(ValueError, match="content items"):
         chat_prompt(tokenizer, [{"role": "user", "content": [{"type": "audio"}]}], mm)
+
+
+def test_query_chunks_give_the_same_features(golden):
+    # A 1400 px image's tower attends in chunks of 1024 queries; at this size chunks of 8 (and
+    # of 4 in a 28-patch bucket) exercise the same path against the oracle.
+    encoder = hf_vision_encoder(VLM_DIR)
+    encoder.query_chunk = 8
+    features = np.asarray(encode_images(encoder, [golden["image_a"], golden["image_b"]])[0])
+    np.testing.assert_allclose(features, golden["features_a"], rtol=0, atol=F32_TOL)
+    inputs = _host_inputs([golden["image_a"]], 14, 28, 1)
+    hidden = np.asarray(encoder.tower(*inputs[:4]))[0, :24]
+    np.testing.assert_allclose(hidden, golden["tower_a"], rtol=0, atol=F32_TOL)

@@ -246,7 +246,10 @@ class NLDModel(nnx.Module):
           float32 [B, T, V].
         """
         spliced = None
-        if images is not None or self.vision is not None:  # a VLM checks its image spans
+        # A VLM checks its prompts' image spans on the host (traced tokens, as in a jitted
+        # training step without images, cannot be checked and hold no images).
+        if images is not None or (self.vision is not None
+                                  and not isinstance(tokens, jax.core.Tracer)):
             spliced = prepare_images(self.vision, self.config, np.asarray(tokens), images)
         hidden, _ = self.forward(tokens, None, causal=causal, images=spliced)
         return self.logits(hidden)

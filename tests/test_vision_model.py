@@ -203,3 +203,11 @@ def test_cli_image_flag(tmp_path):
     assert status == 2 and "no such image file" in err
     status, _, err = run(str(tiny.TINY_MODEL_DIR), "x", "--image", str(house))
     assert status == 2 and "needs a VLM checkpoint" in err
+
+
+def test_text_only_call_of_a_vlm_under_jit(model):
+    import jax
+
+    tokens = jnp.asarray([[1, 5, 6, 7]])
+    jitted = jax.jit(lambda t: model(t))(tokens)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(model(tokens)), atol=F32_TOL)

@@ -19,6 +19,7 @@ F tower MLP width, M merged tokens (T / 4), E text width.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -240,25 +241,29 @@ def _encode_bucket(graphdef: nnx.GraphDef, state: nnx.State, patches: jax.Array,
 def encode_images(encoder: VisionEncoder, images: Sequence[np.ndarray]) -> list[jax.Array]:
     """Preprocessed images -> image-token features, one [h_tok * w_tok, E] array per image.
 
-    Images are grouped by patch bucket; a group's batch is padded to a power of two, so the
-    programs compiled are one per (bucket, batch size class).
+    Identical images (same content hash) are encoded once. Images are grouped by patch bucket;
+    a group's batch is padded to a power of two, so the programs compiled are one per (bucket,
+    batch size class).
     """
     images = check_images(images, encoder.mm)
     patch = encoder.mm.vision.patch_size
     graphdef, state = nnx.split(encoder)
+    first: dict[tuple[tuple[int, ...], str], int] = {}  # content -> first image holding it
+    source = [first.setdefault((image.shape, hashlib.sha256(image.tobytes()).hexdigest()), i)
+              for i, image in enumerate(images)]
     groups: dict[int, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(patch_bucket(image.shape[1] * image.shape[2] // patch ** 2),
+    for i in sorted(set(source)):
+        groups.setdefault(patch_bucket(images[i].shape[1] * images[i].shape[2] // patch ** 2),
                           []).append(i)
-    out: list[jax.Array | None] = [None] * len(images)
+    encoded: dict[int, jax.Array] = {}
     for bucket, members in sorted(groups.items()):
         batch = 1 << (len(members) - 1).bit_length()
         inputs = _host_inputs([images[i] for i in members], patch, bucket, batch)
         features = _encode_bucket(graphdef, state, *inputs)
         for b, i in enumerate(members):
             tokens = images[i].shape[1] * images[i].shape[2] // (4 * patch ** 2)
-            out[i] = features[b, :tokens]
-    return out  # type: ignore[return-value]
+            encoded[i] = features[b, :tokens]
+    return [encoded[i] for i in source]
 
 
 def image_feature_index(tokens: np.ndarray, images: Sequence[Sequence[np.ndarray]],

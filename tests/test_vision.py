@@ -202,3 +202,23 @@ def test_query_chunks_give_the_same_features(golden):
     inputs = _host_inputs([golden["image_a"]], 14, 28, 1)
     hidden = np.asarray(encoder.tower(*inputs[:4]))[0, :24]
     np.testing.assert_allclose(hidden, golden["tower_a"], rtol=0, atol=F32_TOL)
+
+
+def test_identical_images_are_encoded_once(encoder, golden, monkeypatch):
+    import nld_jax.vision as vision
+
+    batches: list[int] = []
+    host_inputs = vision._host_inputs
+
+    def counting(images, *args):
+        batches.append(len(images))
+        return host_inputs(images, *args)
+
+    monkeypatch.setattr(vision, "_host_inputs", counting)
+    a, b = golden["image_a"], golden["image_b"]
+    features = encode_images(encoder, [a, b, a.copy(), b, a])
+    assert sorted(batches) == [1, 1]  # one a, one b
+    for i in (0, 2, 4):
+        np.testing.assert_allclose(np.asarray(features[i]), golden["features_a"], atol=F32_TOL)
+    for i in (1, 3):
+        np.testing.assert_allclose(np.asarray(features[i]), golden["features_b"], atol=F32_TOL)

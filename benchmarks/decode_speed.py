@@ -3,14 +3,17 @@
     python benchmarks/decode_speed.py --layers 8 --width 512 --repeats 3
 
 Random weights decode nothing meaningful (self-spec accepts few drafts), so ms per forward is the
-figure to compare between commits; tokens/s is reported too. Each mode is compiled by a first
-call, then timed over --repeats calls (median).
+figure to compare between commits; tokens/s is reported too. The random weights are written once
+to --checkpoint in the released layout and loaded from there, so that two commits decode the same
+tokens with the same forwards. Each mode is compiled by a first call, then timed over --repeats
+calls (median).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import jax
@@ -18,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 import nld_jax
+from nld_jax.loading import save_model
 from nld_jax.model import NLDModel
 
 
@@ -33,14 +37,22 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint", default="/tmp/nld_decode_speed_model",
+                        help="where the random weights are kept (written on first use)")
     args = parser.parse_args()
     config = dataclasses.replace(
         nld_jax.NLDConfig.preset("tiny"), vocab_size=args.vocab, hidden_size=args.width,
         head_dim=64, num_attention_heads=args.width // 64, num_key_value_heads=2,
         intermediate_size=3 * args.width, num_hidden_layers=args.layers,
         mask_token_id=args.vocab - 1, block_size=args.block)
-    model = NLDModel(config, dtype="bfloat16", rngs=nnx.Rngs(0))
-    model.attach_lora(8, 1.0, rngs=nnx.Rngs(1))
+    if not os.path.isdir(args.checkpoint):
+        model = NLDModel(config, dtype="float32", rngs=nnx.Rngs(0))
+        model.attach_lora(8, 1.0, rngs=nnx.Rngs(1))
+        save_model(model, args.checkpoint)
+    model = nld_jax.load_model(args.checkpoint, dtype="bfloat16")
+    shape = ("num_hidden_layers", "hidden_size", "vocab_size", "block_size")
+    if any(getattr(model.config, f) != getattr(config, f) for f in shape):
+        raise SystemExit(f"{args.checkpoint} holds another shape; pass a new --checkpoint")
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, args.vocab - 1, (args.batch, args.prompt)).tolist()
     # No EOS: every row runs its whole budget, so the work per call is fixed.

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layer-loop", default="auto", help="NLDModel.layer_loop")
     parser.add_argument("--checkpoint", default="/tmp/nld_decode_speed_model",
                         help="where the random weights are kept (written on first use)")
     args = parser.parse_args()
@@ -50,6 +51,7 @@ def main() -> None:
         model.attach_lora(8, 1.0, rngs=nnx.Rngs(1))
         save_model(model, args.checkpoint)
     model = nld_jax.load_model(args.checkpoint, dtype="bfloat16")
+    model.layer_loop = args.layer_loop
     shape = ("num_hidden_layers", "hidden_size", "vocab_size", "block_size")
     if any(getattr(model.config, f) != getattr(config, f) for f in shape):
         raise SystemExit(f"{args.checkpoint} holds another shape; pass a new --checkpoint")
@@ -59,7 +61,7 @@ def main() -> None:
     kwargs = dict(max_new_tokens=args.new, eos_token_ids=[args.vocab - 1])
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.layers} layers, "
           f"D={args.width}, V={args.vocab}, batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new} new, block {args.block}, bf16")
+          f"{args.new} new, block {args.block}, bf16, layer_loop {args.layer_loop}")
     print("| mode | compile+run s | s/call | tokens/s | forwards | ms/forward |")
     print("|---|---|---|---|---|---|")
     for mode in args.modes:

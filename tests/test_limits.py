@@ -1,0 +1,100 @@
+"""nld_jax.checks (named argument errors) and nld_jax.limits (the memory estimate and check)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nld_jax import checks, limits, tiny
+from nld_jax.config import NLDConfig
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (2**70, ValueError, "seed=1180591620717411303424 must be an integer in [-5, 9]"),
+    (1.5, TypeError, "seed=1.5 must be an integer, got float"),
+    (True, TypeError, "seed=True must be an integer, got bool"),
+    ("3", TypeError, "seed='3' must be an integer, got str"),
+    (10, ValueError, "must be an integer in [-5, 9]"),
+])
+def test_integer_errors_name_the_argument(value, error, message):
+    with pytest.raises(error) as info:
+        checks.integer("seed", value, low=-5, high=9)
+    assert message in str(info.value)
+    assert checks.integer("seed", np.int64(9), low=-5, high=9) == 9
+    assert type(checks.integer("seed", np.int64(9))) is int
+
+
+@pytest.mark.parametrize("value, error, message", [
+    ("1", TypeError, "temperature='1' must be a real number, got str"),
+    (float("nan"), ValueError, "temperature=nan must be finite"),
+    (float("inf"), ValueError, "temperature=inf must be finite"),
+    (None, TypeError, "temperature=None must be a real number"),
+    (False, TypeError, "got bool"),
+    (0.0, ValueError, "temperature=0.0 must be in (0.0, 1.0]"),
+    (1.5, ValueError, "must be in (0.0, 1.0]"),
+])
+def test_real_errors_name_the_argument(value, error, message):
+    with pytest.raises(error) as info:
+        checks.real("temperature", value, low=0.0, high=1.0, low_open=True)
+    assert message in str(info.value)
+    assert checks.real("temperature", np.float32(0.5), low=0.0, high=1.0) == 0.5
+    assert checks.real("temperature", 1, low=0.0, high=1.0) == 1.0
+
+
+def _tiny_config() -> NLDConfig:
+    return NLDConfig(vocab_size=len(tiny.VOCAB), hidden_size=128, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     intermediate_size=512, max_position_embeddings=512, bos_token_id=1,
+                     eos_token_ids=(2,), mask_token_id=3, block_size=8)
+
+
+def test_estimate_counts_the_cache_and_the_biggest_activation():
+    config = _tiny_config()
+    estimate = limits.estimate_memory(config, jnp.float32, batch=2, capacity=256,
+                                      forward_tokens={"prefill": 16, "step": 8},
+                                      scores_materialised=True)
+    assert estimate.cache_bytes == 2 * 6 * 2 * 256 * 2 * 32 * 4
+    # MLP of the prefill: 3 x B x T x F x 4 bytes beats scores 2 x 4 x 16 x 272 x 4.
+    assert estimate.activation_bytes == 3 * 2 * 16 * 512 * 4
+    assert estimate.activation == "MLP hidden of the prefill (T=16)"
+    # The quadratic self-spec forward of the issue (block 100: T = 100 x 101 tokens).
+    quadratic = limits.estimate_memory(config, jnp.float32, batch=1, capacity=10240,
+                                       forward_tokens={"prefill": 16, "step": 10100},
+                                       scores_materialised=True)
+    assert quadratic.activation.startswith("attention scores of the step (T=10100")
+    assert quadratic.total_bytes > 3 * 2**30
+    flash = limits.estimate_memory(config, jnp.float32, batch=1, capacity=10240,
+                                   forward_tokens={"prefill": 16, "step": 10100},
+                                   scores_materialised=False)
+    assert flash.activation.startswith("MLP hidden of the step")
+
+
+def test_check_memory_refuses_with_the_figures():
+    estimate = limits.MemoryEstimate(cache_bytes=3 << 30, activation_bytes=1 << 29,
+                                     activation="attention scores of the step (T=8, S=64)")
+    limits.check_memory(estimate, (4 << 30, "free"))
+    limits.check_memory(estimate, (None, "unknown"))  # nothing to compare with
+    with pytest.raises(limits.ResourceLimitError) as info:
+        limits.check_memory(estimate, (2 << 30, "available on this host"))
+    message = str(info.value)
+    assert "needs at least 3.50 GiB (KV cache 3.00 GiB + the biggest activation 0.50 GiB: " \
+           "attention scores of the step (T=8, S=64)), more than the 2.00 GiB available on " \
+           "this host" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_available_memory_reads_this_machine():
+    free, where = limits.available_memory()
+    assert free is not None and free > 1 << 20 and where
+
+
+def test_config_replace_keeps_estimate_linear_in_batch():
+    config = dataclasses.replace(_tiny_config(), max_position_embeddings=1 << 20)
+    one = limits.estimate_memory(config, jnp.bfloat16, batch=1, capacity=1 << 20,
+                                 forward_tokens={"prefill": 16}, scores_materialised=False)
+    many = limits.estimate_memory(config, jnp.bfloat16, batch=64, capacity=1 << 20,
+                                  forward_tokens={"prefill": 16}, scores_materialised=False)
+    assert many.cache_bytes == 64 * one.cache_bytes == 64 * 2 * 6 * (1 << 20) * 2 * 32 * 2

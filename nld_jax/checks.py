@@ -28,6 +28,9 @@ def integer(name: str, value: Any, *, low: int | None = None, high: int | None =
     value = int(value)
     if ((low is not None and value < low) or (high is not None and value > high)
             or (high_open and high is not None and value == high)):
+        if high is None and low in (0, 1):
+            kind = "a positive integer" if low == 1 else "a non-negative integer"
+            raise ValueError(f"{name}={value!r} must be {kind}")
         raise ValueError(f"{name}={value!r} must be an integer in "
                          f"{_interval(low, high, False, high_open)}")
     return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nld_jax import checks, limits
 from nld_jax.cache import KVCache
 from nld_jax.decode import DEFAULT_MODE, REGISTRY
 from nld_jax.decode.common import (
@@ -68,6 +70,20 @@ def _encode_strings(prompts: Any, tokenizer: Any) -> Any:
     return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
 
 
+def _as_row(index: int, prompt: Any) -> np.ndarray:
+    """One prompt as a 1-D array, without letting numpy guess at nested or mixed items."""
+    if isinstance(prompt, (np.ndarray, jax.Array)):
+        return np.asarray(prompt)
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (str, bytes)):
+        raise TypeError(f"prompt {index} must be a list of token ids, got "
+                        f"{type(prompt).__name__}")
+    for j, token in enumerate(prompt):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(f"prompt {index} item {j} is {token!r:.40}; token ids must be "
+                            "integers (a prompt is a flat list of token ids)")
+    return np.array([int(t) for t in prompt], dtype=object if prompt else np.int32)
+
+
 def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
     """Validates prompts and returns them as int32 rows."""
     if isinstance(prompts, (np.ndarray, jax.Array)):
@@ -75,8 +91,8 @@ def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
         if array.ndim != 2:
             raise ValueError(f"prompts array must be [B, T], got shape {array.shape}")
         rows = list(array)
-    elif isinstance(prompts, Sequence):
-        rows = [np.asarray(p) for p in prompts]
+    elif isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+        rows = [_as_row(i, p) for i, p in enumerate(prompts)]
     else:
         raise TypeError(f"prompts must be a list of token-id lists or an int array [B, T], "
                         f"got {type(prompts).__name__}")
@@ -88,7 +104,7 @@ def _as_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
             raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {row.shape}")
         if row.size == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        if not np.issubdtype(row.dtype, np.integer):
+        if row.dtype != object and not np.issubdtype(row.dtype, np.integer):
             raise TypeError(f"prompt {i} holds {row.dtype} values; token ids must be integers")
         bad = row[(row < 0) | (row >= vocab_size)]
         if bad.size:
@@ -161,6 +177,25 @@ def _sizes(room: Room, longest: int, max_new_tokens: int, max_cache_len: int | N
     return prompt_bucket, out_len, _round_up(capacity, 64)
 
 
+def _eos_ids(config: Any, eos_token_ids: Any) -> tuple[int, ...]:
+    """The stop set: config.eos_token_ids, or the given token ids, checked."""
+    if eos_token_ids is None:
+        return tuple(config.eos_token_ids)
+    if isinstance(eos_token_ids, (str, bytes)) or not isinstance(
+            eos_token_ids, (Sequence, np.ndarray)):
+        raise TypeError(f"eos_token_ids={eos_token_ids!r} must be a list of token ids")
+    if len(eos_token_ids) == 0:
+        raise ValueError("eos_token_ids=[] must name at least one token")
+    ids = tuple(eos_token_ids)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(f"eos_token_ids={ids!r}: {token!r} is not a token id (an integer)")
+        if not 0 <= token < config.vocab_size:
+            raise ValueError(f"eos_token_ids={ids!r} must be token ids in "
+                             f"[0, {config.vocab_size})")
+    return tuple(int(t) for t in ids)
+
+
 def _pad_ids(ids: tuple[int, ...], multiple: int = 8) -> list[int]:
     """EOS sets padded (with their first id) to a multiple of 8, so their size rarely recompiles."""
     return list(ids) + [ids[0]] * (-len(ids) % multiple)
@@ -225,10 +260,11 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
       mode: "ar" | "diffusion" | "self_spec" | "self_spec_quadratic".
       max_new_tokens: the budget per prompt.
       temperature: 0 = greedy.
-      block_size: diffusion/self-spec block (default config.block_size). Quadratic
-        self-spec runs T*(T+1) tokens a forward and needs that many cache slots of room.
+      block_size: diffusion/self-spec block (default config.block_size), at most 256 (32 for
+        quadratic self-spec, which runs T*(T+1) tokens a forward and needs that many cache
+        slots of room).
       threshold: diffusion commit threshold in (0, 1]; None = even top-k schedule.
-      seed: PRNG seed for sampling.
+      seed: PRNG seed for sampling, in [0, 2**32).
       top_k: sample among the k most likely tokens (0 = off).
       top_p: sample among the smallest set reaching this probability (1.0 = off).
       max_cache_len: the context the KV cache is sized for (default: buckets of the request,
@@ -252,28 +288,28 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
         bucket), then the prefill writes the image positions into the cache once.
     Returns:
       GenerationOutput.
+    Raises:
+      ValueError or TypeError naming the argument at fault; nld_jax.limits.ResourceLimitError
+      (a ValueError) for a block larger than its mode's largest, or a call whose KV cache plus
+      biggest activation exceeds the device's free memory (checked before compiling).
     """
     config = model.config
-    if mode not in REGISTRY:
+    if not isinstance(mode, str) or mode not in REGISTRY:
         raise ValueError(f"unknown {mode=}; expected one of {MODES}")
     decode_mode = REGISTRY[mode]
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise ValueError(f"{max_new_tokens=} must be a positive integer")
-    if not temperature >= 0:
-        raise ValueError(f"{temperature=} must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"{top_p=} must be in (0, 1]")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
-        raise ValueError(f"{top_k=} must be an integer in [0, vocab_size={config.vocab_size}]")
+    max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
+    temperature = checks.real("temperature", temperature, low=0.0)
+    top_p = checks.real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    top_k = checks.integer("top_k", top_k, low=0, high=config.vocab_size)
+    # jax.random.key keeps 32 bits: wider seeds would silently repeat other seeds' streams.
+    seed = checks.integer("seed", seed, low=0, high=2**32, high_open=True)
+    if max_cache_len is not None:
+        max_cache_len = checks.integer("max_cache_len", max_cache_len, low=1,
+                                       high=config.max_position_embeddings)
     settings = decode_mode.settings.from_options(config, Options(
         block_size=block_size, threshold=threshold, denoise_steps=denoise_steps,
         all_mask_init=all_mask_init, accept_rule=accept_rule))
-    eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    if not eos_ids or any(not isinstance(t, (int, np.integer)) or not 0 <= t < config.vocab_size
-                          for t in eos_ids):
-        raise ValueError(f"eos_token_ids={eos_ids!r} must be token ids in "
-                         f"[0, {config.vocab_size})")
+    eos_ids = _eos_ids(config, eos_token_ids)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a callable or None, got {type(stream).__name__}")
     tokenizer = getattr(model, "tokenizer", None)
@@ -284,6 +320,14 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
     kernels = Kernels.choose(model.attention_impl, config=config, dtype=model.dtype,
                              capacity=capacity, block_size=settings.step_block,
                              explicit_block_mask=settings.explicit_block_mask)
+    # Before compiling anything: would the cache and the biggest activation fit?
+    step_tokens = max(1, settings.room().write_ahead)
+    limits.check_memory(limits.estimate_memory(
+        config, model.dtype, batch=len(rows), capacity=capacity,
+        forwards={"prefill": (prompt_bucket, not kernels.attention),
+                  "decode step": (step_tokens, not kernels.attention
+                                  or settings.explicit_block_mask)}),
+        limits.available_memory())
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row

@@ -46,8 +46,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(config: NLDConfig, dtype: jnp.dtype, *, batch: int, capacity: int,
-                    forward_tokens: dict[str, int], scores_materialised: bool
-                    ) -> MemoryEstimate:
+                    forwards: dict[str, tuple[int, bool]]) -> MemoryEstimate:
     """The cache and the biggest one-layer activation of a call.
 
     Args:
@@ -55,17 +54,17 @@ def estimate_memory(config: NLDConfig, dtype: jnp.dtype, *, batch: int, capacity
       dtype: parameters' and activations' dtype (the cache's too).
       batch: B, rows in the call.
       capacity: S, the cache slots.
-      forward_tokens: {name: T}: the tokens each kind of forward runs (the prefill's padded
-        prompt, a decode step's block); each may need logits for all its rows.
-      scores_materialised: the attention runs on XLA (scores [B, N, T, S + T] in memory) rather
-        than a flash kernel.
+      forwards: {name: (T, scores materialised)} for each kind of forward: the tokens it runs
+        (the prefill's padded prompt, a decode step's block; each may need logits for all its
+        rows), and whether its attention runs on XLA (scores [B, N, T, S + T] in memory)
+        rather than in a flash kernel's tiles.
     """
     itemsize = jnp.dtype(dtype).itemsize
     c = config
     cache = 2 * c.num_hidden_layers * batch * capacity * c.num_key_value_heads * c.head_dim \
         * itemsize
     candidates = {}
-    for name, tokens in forward_tokens.items():
+    for name, (tokens, scores_materialised) in forwards.items():
         if scores_materialised:
             candidates[f"attention scores of the {name} (T={tokens}, S={capacity})"] = \
                 batch * c.num_attention_heads * tokens * (capacity + tokens) * 4

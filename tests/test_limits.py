@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import nld_jax
 from nld_jax import checks, limits, tiny
 from nld_jax.config import NLDConfig
+from nld_jax.model import NLDModel
 
 
 @pytest.mark.parametrize("value, error, message", [
@@ -54,21 +59,18 @@ def _tiny_config() -> NLDConfig:
 def test_estimate_counts_the_cache_and_the_biggest_activation():
     config = _tiny_config()
     estimate = limits.estimate_memory(config, jnp.float32, batch=2, capacity=256,
-                                      forward_tokens={"prefill": 16, "step": 8},
-                                      scores_materialised=True)
+                                      forwards={"prefill": (16, True), "step": (8, True)})
     assert estimate.cache_bytes == 2 * 6 * 2 * 256 * 2 * 32 * 4
     # MLP of the prefill: 3 x B x T x F x 4 bytes beats scores 2 x 4 x 16 x 272 x 4.
     assert estimate.activation_bytes == 3 * 2 * 16 * 512 * 4
     assert estimate.activation == "MLP hidden of the prefill (T=16)"
     # The quadratic self-spec forward of the issue (block 100: T = 100 x 101 tokens).
     quadratic = limits.estimate_memory(config, jnp.float32, batch=1, capacity=10240,
-                                       forward_tokens={"prefill": 16, "step": 10100},
-                                       scores_materialised=True)
+                                       forwards={"prefill": (16, True), "step": (10100, True)})
     assert quadratic.activation.startswith("attention scores of the step (T=10100")
     assert quadratic.total_bytes > 3 * 2**30
     flash = limits.estimate_memory(config, jnp.float32, batch=1, capacity=10240,
-                                   forward_tokens={"prefill": 16, "step": 10100},
-                                   scores_materialised=False)
+                                   forwards={"prefill": (16, False), "step": (10100, False)})
     assert flash.activation.startswith("MLP hidden of the step")
 
 
@@ -94,7 +96,51 @@ def test_available_memory_reads_this_machine():
 def test_config_replace_keeps_estimate_linear_in_batch():
     config = dataclasses.replace(_tiny_config(), max_position_embeddings=1 << 20)
     one = limits.estimate_memory(config, jnp.bfloat16, batch=1, capacity=1 << 20,
-                                 forward_tokens={"prefill": 16}, scores_materialised=False)
+                                 forwards={"prefill": (16, False)})
     many = limits.estimate_memory(config, jnp.bfloat16, batch=64, capacity=1 << 20,
-                                  forward_tokens={"prefill": 16}, scores_materialised=False)
+                                  forwards={"prefill": (16, False)})
     assert many.cache_bytes == 64 * one.cache_bytes == 64 * 2 * 6 * (1 << 20) * 2 * 32 * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return nld_jax.load_model(tiny.TINY_MODEL_DIR, dtype="float32")
+
+
+@pytest.mark.parametrize("mode, block, largest", [
+    ("self_spec_quadratic", 100, 32), ("self_spec_quadratic", 64, 32),
+    ("self_spec", 300, 256), ("diffusion", 257, 256)])
+def test_the_largest_block_of_each_mode_is_refused_at_once(tiny_model, mode, block, largest):
+    """Issue 10: quadratic self-spec at block 100 ran for 9 minutes at 11 GB; now it is refused
+    before anything is compiled, the limit in the message."""
+    start = time.perf_counter()
+    with pytest.raises(limits.ResourceLimitError) as info:
+        nld_jax.generate(tiny_model, ["<s> sort 3 1 2 4 ="], mode=mode, block_size=block,
+                         max_new_tokens=8)
+    assert time.perf_counter() - start < 1.0
+    assert f"block_size={block} is larger than this mode's largest block, {largest}" in \
+        str(info.value)
+    nld_jax.generate(tiny_model, ["<s> sort 3 1 2 4 ="], mode=mode, block_size=largest // 16,
+                     max_new_tokens=2)  # a block within the limit runs
+
+
+def test_a_call_that_cannot_fit_is_refused_before_compiling(tiny_model, monkeypatch):
+    generate_module = importlib.import_module("nld_jax.generate")  # not the function
+    compiled = generate_module._program._cache_size()
+    monkeypatch.setattr(limits, "available_memory", lambda device=None: (1 << 20, "free (test)"))
+    with pytest.raises(limits.ResourceLimitError) as info:
+        nld_jax.generate(tiny_model, ["<s> sort 3 1 2 4 ="] * 4, mode="self_spec",
+                         max_new_tokens=200)
+    message = str(info.value)
+    assert "needs at least" in message and "KV cache" in message and "free (test)" in message
+    assert generate_module._program._cache_size() == compiled  # nothing was compiled
+
+
+def test_an_enormous_cache_is_refused_on_this_machine():
+    """64 rows of a 2**20-token context: a 200 GB cache, refused with the figures."""
+    config = dataclasses.replace(_tiny_config(), max_position_embeddings=1 << 20,
+                                 original_max_position_embeddings=512)
+    model = NLDModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(limits.ResourceLimitError, match=r"KV cache 192\.\d\d GiB"):
+        nld_jax.generate(model, [[1, 4, 5]] * 64, mode="ar", max_new_tokens=8,
+                         max_cache_len=1 << 20)

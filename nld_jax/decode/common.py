@@ -26,6 +26,7 @@ from jax.experimental import io_callback
 from nld_jax.cache import BlockKV, KVCache
 from nld_jax.config import NLDConfig
 from nld_jax.kernels import Kernels
+from nld_jax.limits import ResourceLimitError
 from nld_jax.model import NLDModel
 from nld_jax.sampling import filter_logits, is_eos, sample_tokens
 
@@ -88,6 +89,10 @@ class BlockSettings(Settings):
     mask_token_id: int = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
     whole_blocks: ClassVar[bool] = False  # the budget rounds up to whole blocks
+    # The largest block_size the mode accepts, and why (a stated limit instead of a call that
+    # runs for minutes or exhausts memory). A forward of a block of T runs T tokens.
+    largest_block: ClassVar[int] = 256
+    largest_block_why: ClassVar[str] = "a forward runs T tokens against the whole cache"
 
     def room(self) -> Room:
         # Up to a block a step, and a forward that commits writes a block past the valid length.
@@ -99,11 +104,18 @@ class BlockSettings(Settings):
         return self.block_size
 
 
-def block_size_option(config: NLDConfig, options: Options) -> int:
-    """The validated block size of a block mode."""
+def block_size_option(config: NLDConfig, options: Options,
+                      settings: type[BlockSettings]) -> int:
+    """The validated block size of a block mode (at most settings.largest_block)."""
     block = config.block_size if options.block_size is None else options.block_size
-    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)):
+        raise TypeError(f"block_size={block!r} must be an integer, got {type(block).__name__}")
+    if block < 2:
         raise ValueError(f"block_size={block!r} must be an integer >= 2")
+    if block > settings.largest_block:
+        raise ResourceLimitError(
+            f"block_size={block} is larger than this mode's largest block, "
+            f"{settings.largest_block} ({settings.largest_block_why})")
     return int(block)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nld_jax import checks
 from nld_jax.cache import KVCache
 from nld_jax.config import NLDConfig
 from nld_jax.decode.common import (
@@ -50,14 +51,14 @@ class Settings(BlockSettings):
 
     @classmethod
     def from_options(cls, config: NLDConfig, options: Options) -> Settings:
-        block = block_size_option(config, options)
+        block = block_size_option(config, options, cls)
         threshold = options.threshold
-        if threshold is not None and not 0 < threshold <= 1:
-            raise ValueError(f"{threshold=} must be in (0, 1], or None for the even schedule")
+        if threshold is not None:  # None: the even schedule
+            threshold = checks.real("threshold", threshold, low=0.0, high=1.0, low_open=True)
         steps = block if options.denoise_steps is None else options.denoise_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
-                or not 1 <= steps <= block:
-            raise ValueError(f"denoise_steps={steps!r} must be an integer in [1, {block=}]")
+        steps = checks.integer("denoise_steps", steps, low=1, high=block)
+        if not isinstance(options.all_mask_init, bool | np.bool_):
+            raise TypeError(f"all_mask_init={options.all_mask_init!r} must be True or False")
         return cls(threshold=jnp.float32(1.0 if threshold is None else threshold),
                    denoise_steps=jnp.int32(steps), mask_token_id=config.mask_token_id,
                    block_size=block, use_threshold=threshold is not None,

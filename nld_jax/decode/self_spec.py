@@ -52,7 +52,7 @@ class Settings(BlockSettings):
 
     @classmethod
     def from_options(cls, config: NLDConfig, options: Options) -> Settings:
-        block = block_size_option(config, options)
+        block = block_size_option(config, options, cls)
         if options.accept_rule not in ACCEPT_RULES:
             raise ValueError(f"unknown accept_rule={options.accept_rule!r}; expected one of "
                              f"{ACCEPT_RULES}")

@@ -27,7 +27,8 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *, cache: KVCache | None = None,
            layer: jax.Array | int = 0, causal: jax.Array | bool = True,
-           block_mask: jax.Array | None = None, kernel: bool = False) -> jax.Array:
+           block_mask: jax.Array | None = None, kernel: bool = False,
+           quadratic: int = 0) -> jax.Array:
     """Softmax attention of a block against [cached prefix ++ block].
 
     Args:
@@ -40,6 +41,9 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *, cache: KVCac
       block_mask: bool [T, T] or [B, T, T] (query, key): an explicit in-block pattern that
         replaces `causal` (the training objective's two-stream mask; XLA only).
       kernel: static; run the Pallas kernel (see the module docstring).
+      quadratic: static; b > 0 on the kernel: the block is quadratic self-speculation's
+        b*(b+1) tokens and the kernel computes that pattern itself (the XLA path takes it as
+        `block_mask`).
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -47,7 +51,7 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *, cache: KVCac
         from pallas_kernels.block_attention import block_attention
 
         return block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block, causal,
-                               layer=layer)
+                               layer=layer, quadratic=quadratic)
     b, t, n, h = q.shape
     kv_heads = k_block.shape[2]
     if n % kv_heads:

@@ -318,15 +318,13 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
     prompt_bucket, out_len, capacity = _sizes(settings.room(), max(len(r) for r in rows),
                                               int(max_new_tokens), max_cache_len, limit)
     kernels = Kernels.choose(model.attention_impl, config=config, dtype=model.dtype,
-                             capacity=capacity, block_size=settings.step_block,
-                             explicit_block_mask=settings.explicit_block_mask)
+                             capacity=capacity, block_size=settings.step_block)
     # Before compiling anything: would the cache and the biggest activation fit?
     step_tokens = max(1, settings.room().write_ahead)
     limits.check_memory(limits.estimate_memory(
         config, model.dtype, batch=len(rows), capacity=capacity,
         forwards={"prefill": (prompt_bucket, not kernels.attention),
-                  "decode step": (step_tokens, not kernels.attention
-                                  or settings.explicit_block_mask)}),
+                  "decode step": (step_tokens, not kernels.attention)}),
         limits.available_memory())
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):

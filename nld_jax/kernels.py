@@ -53,22 +53,15 @@ class Kernels:
 
     @classmethod
     def choose(cls, requested: str, *, config: NLDConfig, dtype: jnp.dtype, capacity: int,
-               block_size: int | None, explicit_block_mask: bool = False) -> Kernels:
+               block_size: int | None) -> Kernels:
         """The kernels for a program of these shapes under `requested` (see the module doc).
 
         `block_size` None: the mode has no greedy step work (AR), so no step kernel is asked for.
-        `explicit_block_mask`: the mode's own forwards attend with an explicit block pattern,
-        which no kernel takes (they run on XLA; its prefill still uses the kernel).
         """
         if requested not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={requested!r}; expected one of {IMPLEMENTATIONS}")
         if requested == "xla":
             return cls()
-        if requested == "pallas" and explicit_block_mask:
-            raise NotImplementedError(
-                "this mode attends with an explicit block pattern, which the Pallas attention "
-                "kernel does not take; set model.attention_impl to 'auto' (kernels where they "
-                "apply, XLA for that pattern) or 'xla'")
         from pallas_kernels.block_attention import unsupported_reason
 
         n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim

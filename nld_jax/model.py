@@ -130,7 +130,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, cache: KVCache | None,
                  layer: jax.Array | int, causal: jax.Array | bool, lora_on: jax.Array | bool,
-                 block_mask: jax.Array | None, attention_kernel: bool
+                 block_mask: jax.Array | None, attention_kernel: bool, quadratic: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_dnh[...])
         k = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_dkh[...])
@@ -143,7 +143,7 @@ class Attention(nnx.Module):
             q_scale = 1.0 + beta * jnp.log(1.0 + floor)
             q = q * q_scale[:, :, None, None].astype(q.dtype)
         attn = attend(q, k, v, cache=cache, layer=layer, causal=causal, block_mask=block_mask,
-                      kernel=attention_kernel)
+                      kernel=attention_kernel, quadratic=quadratic)
         out = jnp.einsum("BTNH,NHD->BTD", attn, self.o_nhd[...])
         if self.lora is not None:
             delta = self.lora(attn).astype(out.dtype)
@@ -265,7 +265,7 @@ class NLDModel(nnx.Module):
     def forward(self, tokens: jax.Array, cache: KVCache | None, *, causal: jax.Array | bool,
                 lora_on: jax.Array | bool = False, positions: jax.Array | None = None,
                 block_mask: jax.Array | None = None, attention_kernel: bool = False,
-                images: tuple[jax.Array, jax.Array] | None = None
+                quadratic: int = 0, images: tuple[jax.Array, jax.Array] | None = None
                 ) -> tuple[jax.Array, BlockKV]:
         """A block of T tokens at positions cache.lengths[b] + (0..T-1) against the cache.
 
@@ -282,6 +282,8 @@ class NLDModel(nnx.Module):
           block_mask: bool [T, T] or [B, T, T] in-block pattern overriding `causal`.
           attention_kernel: static; attend with the Pallas kernel (chosen once per program by
             nld_jax.kernels.Kernels; needs a cache and no block_mask).
+          quadratic: static; b > 0: the block is quadratic self-speculation's b*(b+1) tokens,
+            whose pattern the kernel computes itself (then no block_mask).
           images: (features [F, D], feature_index int [B, T]) from vision.prepare_images: the
             embedding of each position with an index >= 0 is replaced by that feature row.
         Returns:
@@ -289,6 +291,8 @@ class NLDModel(nnx.Module):
           [L, B, T, K, H]).
         """
         b, t = tokens.shape
+        if quadratic and not attention_kernel:
+            raise ValueError("quadratic= is the kernel's pattern; the XLA path takes block_mask")
         if attention_kernel and (cache is None or block_mask is not None):
             raise ValueError("the attention kernel needs a KV cache and no explicit block_mask")
         if positions is None:
@@ -303,7 +307,7 @@ class NLDModel(nnx.Module):
                       ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             h, k, v = nnx.merge(graphdef, layer_params)(
                 h, positions, cache=cache, layer=i, causal=causal, lora_on=lora_on,
-                block_mask=block_mask, attention_kernel=attention_kernel)
+                block_mask=block_mask, attention_kernel=attention_kernel, quadratic=quadratic)
             return h, (k, v)
 
         num_layers = self.config.num_hidden_layers

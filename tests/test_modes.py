@@ -115,12 +115,3 @@ def test_bad_arguments(random_model, kwargs, message):
     with pytest.raises((ValueError, TypeError)) as info:  # TypeError: a value of a wrong type
         nld_jax.generate(random_model, [[1, 2, 3]], max_new_tokens=8, **kwargs)
     assert message in str(info.value)
-
-
-def test_quadratic_refuses_forced_pallas_attention(trained):
-    trained.attention_impl = "pallas"
-    try:
-        with pytest.raises(NotImplementedError, match="explicit block pattern.*'auto'"):
-            nld_jax.generate(trained, [[1, 2]], mode="self_spec_quadratic", max_new_tokens=4)
-    finally:
-        trained.attention_impl = "auto"

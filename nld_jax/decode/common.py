@@ -63,9 +63,6 @@ class Room:
 class Settings:
     """Base of every mode's settings (each a jax.tree_util.register_dataclass dataclass)."""
 
-    # The mode's forwards attend with an explicit block mask (no attention kernel for those).
-    explicit_block_mask: ClassVar[bool] = False
-
     @classmethod
     def from_options(cls, config: NLDConfig, options: Options) -> Self:
         """The settings for this request; ValueError naming the bad option."""
@@ -149,14 +146,18 @@ class Context:
 
     def forward(self, tokens: jax.Array, cache: KVCache | None, *, causal: jax.Array | bool,
                 lora_on: jax.Array | bool = False, positions: jax.Array | None = None,
-                block_mask: jax.Array | None = None,
+                block_mask: jax.Array | None = None, quadratic: int = 0,
                 images: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, BlockKV]:
-        """model.forward with the program's attention kernel wherever it applies (a cache, no
-        explicit block mask)."""
-        kernel = self.kernels.attention and cache is not None and block_mask is None
+        """model.forward with the program's attention kernel wherever it applies: a cache, and
+        no explicit block mask or the quadratic pattern, which the kernel computes itself
+        (`quadratic` = b names it; `block_mask` spells it out for the XLA path)."""
+        kernel = self.kernels.attention and cache is not None and (
+            block_mask is None or quadratic > 0)
         return self.model.forward(tokens, cache, causal=causal, lora_on=lora_on,
-                                  positions=positions, block_mask=block_mask,
-                                  attention_kernel=kernel, images=images)
+                                  positions=positions,
+                                  block_mask=None if kernel and quadratic else block_mask,
+                                  attention_kernel=kernel, quadratic=quadratic if kernel else 0,
+                                  images=images)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The head on the hidden states of the rows a step needs."""

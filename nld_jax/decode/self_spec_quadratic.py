@@ -44,7 +44,6 @@ __all__ = ["MODE", "Settings", "State", "init", "step", "block_layout"]
 class Settings(self_spec.Settings):
     """LinearSpec's settings; the block is T*(T+1) tokens with an explicit pattern."""
 
-    explicit_block_mask: ClassVar[bool] = True
     # Block 64 already took 156 s on CPU (4160 tokens a forward); block 100 ran out of memory.
     largest_block: ClassVar[int] = 32
     largest_block_why: ClassVar[str] = "a cycle's forward runs T*(T+1) tokens: 1056 at 32"
@@ -119,7 +118,7 @@ def step(ctx: Context, state: State) -> State:
         tokens, state.cache, causal=True,
         lora_on=jnp.broadcast_to(jnp.asarray(is_mask), tokens.shape),
         positions=state.cache.lengths[:, None] + jnp.asarray(offsets)[None, :],
-        block_mask=jnp.asarray(visible))
+        block_mask=jnp.asarray(visible), quadratic=size)
     cache = state.cache.write(block_kv, state.cache.lengths)
     verify_logits = ctx.logits(hidden[:, :size])
     accepted, bonus = self_spec.accept(ctx, verify_logits, drafts, state.draft_logits,

@@ -150,6 +150,36 @@ class TestInterpret:
         np.testing.assert_array_equal(prefill[True][1][0], prefill[False][1][0])
         np.testing.assert_allclose(prefill[True][1], prefill[False][1], atol=0.05, rtol=0.05)
 
+    def test_model_quadratic_forward_with_kernel_equals_xla(self):
+        """Quadratic self-speculation's forward: the kernel computing the pattern itself
+        (quadratic=b) equals the XLA path given block_layout's explicit mask."""
+        from nld_jax.decode.self_spec_quadratic import block_layout
+
+        config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=2)
+        model = NLDModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        cache = KVCache.empty(num_layers=2, batch=2, capacity=128, num_kv_heads=2,
+                              head_dim=64, dtype=jnp.bfloat16)
+        prompt = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
+        _, block_kv = model.forward(prompt, cache, causal=True)
+        cache = cache.write(block_kv, cache.lengths).advance(jnp.array([16, 7]))
+        offsets, _, visible = block_layout(8)
+        tokens = jax.random.randint(jax.random.key(3), (2, 72), 0, config.vocab_size)
+        positions = cache.lengths[:, None] + jnp.asarray(offsets)[None, :]
+
+        @functools.partial(nnx.jit, static_argnames="kernel")
+        def forward(model, tokens, cache, kernel):
+            if kernel:
+                return model.forward(tokens, cache, causal=True, positions=positions,
+                                     attention_kernel=True, quadratic=8)
+            return model.forward(tokens, cache, causal=True, positions=positions,
+                                 block_mask=jnp.asarray(visible))
+
+        xla = np.asarray(forward(model, tokens, cache, False)[0], np.float32)
+        with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+            kernel = np.asarray(jax.block_until_ready(forward(model, tokens, cache, True))[0],
+                                np.float32)
+        np.testing.assert_allclose(kernel, xla, atol=0.05, rtol=0.05)
+
     def test_unsupported_inputs_raise(self):
         q, kc, vc, kb, vb = _inputs(0, 1, 4, 4, 1, 64, 128)
         with pytest.raises(NotImplementedError, match="bfloat16"):
@@ -222,9 +252,7 @@ class TestGPU:
         for impl in ("xla", "pallas"):
             outputs[impl] = []
             for mode in nld_jax.MODES:
-                # Quadratic's explicit pattern is XLA-only: "auto" runs the kernels elsewhere.
-                quadratic = mode == "self_spec_quadratic"
-                model.attention_impl = "auto" if impl == "pallas" and quadratic else impl
+                model.attention_impl = impl
                 outputs[impl].append(nld_jax.generate(model, prompts, mode=mode,
                                                       max_new_tokens=32))
         # bf16: compare the distribution of agreement (near-ties may flip a token late).

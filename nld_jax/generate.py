@@ -123,6 +123,7 @@ class _Static:
     out_len: int  # O: output buffer per row
     top_k: int
     kernels: Kernels
+    prefill_chunk: int  # prompts wider than this are prefilled in chunks of it
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"))
@@ -147,7 +148,7 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, settings: Any, prompts: j
                           capacity=static.capacity, num_kv_heads=config.num_key_value_heads,
                           head_dim=config.head_dim, dtype=model.dtype)
     initial = start(ctx, static.mode, prompts, prompt_lengths, cache, static.out_len,
-                    max_new_tokens, rng, images)
+                    max_new_tokens, rng, images, prefill_chunk=static.prefill_chunk)
     return dataclasses.replace(run_loop(ctx, static.mode, initial, stream), cache=None)
 
 
@@ -156,7 +157,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _sizes(room: Room, longest: int, max_new_tokens: int, max_cache_len: int | None,
-           limit: int) -> tuple[int, int, int]:
+           limit: int, prefill_chunk: int) -> tuple[int, int, int]:
     """(prompt bucket, output buffer O, cache slots S) for a request, or ValueError."""
     budget = _round_up(max_new_tokens, room.granule) if room.whole_granules else max_new_tokens
     needed = longest + budget
@@ -165,6 +166,8 @@ def _sizes(room: Room, longest: int, max_new_tokens: int, max_cache_len: int | N
         raise ValueError(f"the longest prompt ({longest} tokens) plus {max_new_tokens=} needs "
                          f"{needed} positions, more than {which}={limit}")
     prompt_bucket = _bucket(longest)
+    if prompt_bucket > prefill_chunk:  # a chunked prefill reads whole chunks of the prompts
+        prompt_bucket = _round_up(prompt_bucket, prefill_chunk)
     out_room = _round_up(_bucket(max_new_tokens), room.granule)
     # A step may emit a granule past the budget, and a forward writes room.write_ahead slots
     # past the valid length: a write clamped at the cache's end would overwrite valid slots.
@@ -250,7 +253,8 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
              accept_rule: str = "exact",
              eos_token_ids: Sequence[int] | None = None,
              stream: Callable[[list[list[int]]], None] | None = None,
-             images: Sequence[Sequence[np.ndarray]] | None = None) -> GenerationOutput:
+             images: Sequence[Sequence[np.ndarray]] | None = None,
+             prefill_chunk: int = 512) -> GenerationOutput:
     """Generates continuations of a ragged batch of prompts.
 
     Args:
@@ -286,6 +290,9 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
         as its span of <|image_start|>, <|image_pad|> rows and <|image_end|> (see
         nld_jax.vision.chat_prompt). They are encoded first (one program per image-size
         bucket), then the prefill writes the image positions into the cache once.
+      prefill_chunk: prompts longer than this many tokens go through the cached forward in
+        chunks of it, so the prefill's activations grow as chunk x cache length, not as the
+        prompt length squared (the Pallas attention kernel serves each chunk on Hopper).
     Returns:
       GenerationOutput.
     Raises:
@@ -310,20 +317,22 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
         block_size=block_size, threshold=threshold, denoise_steps=denoise_steps,
         all_mask_init=all_mask_init, accept_rule=accept_rule))
     eos_ids = _eos_ids(config, eos_token_ids)
+    prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, low=1)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a callable or None, got {type(stream).__name__}")
     tokenizer = getattr(model, "tokenizer", None)
     rows = _as_rows(_encode_strings(prompts, tokenizer), config.vocab_size)
     limit = config.max_position_embeddings if max_cache_len is None else max_cache_len
     prompt_bucket, out_len, capacity = _sizes(settings.room(), max(len(r) for r in rows),
-                                              int(max_new_tokens), max_cache_len, limit)
+                                              int(max_new_tokens), max_cache_len, limit,
+                                              prefill_chunk)
     kernels = Kernels.choose(model.attention_impl, config=config, dtype=model.dtype,
                              capacity=capacity, block_size=settings.step_block)
     # Before compiling anything: would the cache and the biggest activation fit?
     step_tokens = max(1, settings.room().write_ahead)
     limits.check_memory(limits.estimate_memory(
         config, model.dtype, batch=len(rows), capacity=capacity,
-        forwards={"prefill": (prompt_bucket, not kernels.attention),
+        forwards={"prefill": (min(prompt_bucket, prefill_chunk), not kernels.attention),
                   "decode step": (step_tokens, not kernels.attention)}),
         limits.available_memory())
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
@@ -334,7 +343,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
 
     graphdef, state = nnx.split(model)
     static = _Static(mode=decode_mode, capacity=capacity, out_len=out_len, top_k=top_k,
-                     kernels=kernels)
+                     kernels=kernels, prefill_chunk=prefill_chunk)
     handler = None if stream is None else _StreamHandler(stream, len(rows), eos_ids)
     stream_id = None if handler is None else register_stream(handler)
     try:

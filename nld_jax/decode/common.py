@@ -25,6 +25,7 @@ from jax.experimental import io_callback
 
 from nld_jax.cache import BlockKV, KVCache
 from nld_jax.config import NLDConfig
+from nld_jax.decode.prefill import prefill
 from nld_jax.kernels import Kernels
 from nld_jax.limits import ResourceLimitError
 from nld_jax.model import NLDModel
@@ -232,27 +233,18 @@ def emit_pending[S: Core](ctx: Context, state: S, rows: jax.Array) -> S:
 
 def start(ctx: Context, mode: Mode, prompts: jax.Array, prompt_lengths: jax.Array,
           cache: KVCache, out_len: int, max_new_tokens: jax.Array, rng: jax.Array,
-          images: tuple[jax.Array, jax.Array] | None = None) -> Core:
+          images: tuple[jax.Array, jax.Array] | None = None,
+          prefill_chunk: int | None = None) -> Core:
     """The prefill and the mode's init: the state its loop starts from.
 
     Args:
-      prompts: int32 [B, P], each row right-padded after prompt_lengths[b] tokens. Padding sits
-        after the real tokens, so under the causal pattern no real token sees it; its cache slots
-        stay past the valid length and are overwritten by the first generated block.
-      prompt_lengths: int32 [B], >= 1.
-      cache: an empty cache. The XLA path attends to the prompts alone; the attention kernel
-        needs a cache to read, so it gets this one with no valid slot (it reads no prefix tile).
+      prompts, prompt_lengths, cache, images: as nld_jax.decode.prefill.prefill (right-padded
+        prompts [B, P], their lengths [B], an empty cache of at least P slots, a VLM's images).
       out_len: O, the output buffer per row.
       max_new_tokens: int32 [B] each row's budget.
-      images: (features [F, D], feature_index [B, P]) of a VLM's prompt images: their rows
-        replace the <|image_pad|> embeddings, so the image positions' K/V enter the cache here,
-        once, and every mode then decodes as for text.
+      prefill_chunk: static; prompts wider than this are prefilled in chunks of it.
     """
-    hidden, block_kv = ctx.forward(prompts, cache if ctx.kernels.attention else None, causal=True,
-                                   images=images)
-    # Only the last prompt token's logits are needed: [B, P, V] would dwarf the weights.
-    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
-    cache = cache.write(block_kv, jnp.zeros_like(prompt_lengths)).with_lengths(prompt_lengths)
+    last, cache = prefill(ctx, prompts, prompt_lengths, cache, prefill_chunk, images)
     prefill_rng, loop_rng = jax.random.split(rng)
     b = prompts.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)

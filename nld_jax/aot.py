@@ -33,7 +33,8 @@ import nld_jax._no_gpu  # noqa: F401  (before JAX starts its backends)
 
 __all__ = ["Target", "TARGETS", "target_mesh", "abstract", "PtxasReport", "parse_ptxas",
            "Program", "compile_program", "Cost", "cost", "KernelCase", "kernel_cases",
-           "compile_kernel", "abstract_model", "Forward", "PATTERNS", "compile_forward"]
+           "compile_kernel", "abstract_model", "Forward", "PATTERNS", "compile_forward",
+           "compile_generate", "generate_temp_bound"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +198,18 @@ class Program:
         return len(re.findall(r"\swhile\(", self.hlo))
 
     @property
+    def top_level_loops(self) -> list[int | None]:
+        """The while loops of the entry computation (not nested in another loop or call): each
+        one's trip count where XLA knows it (a layer scan), else None (a decode loop)."""
+        entry = self.hlo[self.hlo.index("\nENTRY"):].split("\n}\n")[0]
+        counts = []
+        for line in entry.splitlines():
+            if re.search(r"\swhile\(", line):
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                counts.append(int(known.group(1)) if known else None)
+        return counts
+
+    @property
     def host_callbacks(self) -> int:
         """Host callbacks in the optimised HLO (each a device-to-host round trip)."""
         return len(re.findall(r'custom_call_target="[^"]*callback[^"]*"', self.hlo))
@@ -358,8 +371,8 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
     pattern "causal": a decode forward (T=1 or a block) writing its K/V and returning float32
     logits for all T positions; "prefill": the block attends to itself alone and returns the
     last position's logits; "quadratic": quadratic self-speculation's forward of
-    T = b*(b+1) tokens for block b (its explicit pattern, logits of the b chain positions and
-    one group).
+    T = b*(b+1) tokens for block b (the kernel computes its pattern, XLA takes the explicit
+    mask; logits of the b chain positions and one group).
     """
     from flax import nnx
 
@@ -397,8 +410,9 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
             return model.logits(hidden), cache.write(block_kv, cache.lengths)
         offsets, _, visible = block_layout(size)
         hidden, block_kv = model.forward(
-            block, cache, causal=True, block_mask=jnp.asarray(visible),
-            positions=cache.lengths[:, None] + jnp.asarray(offsets)[None, :])
+            block, cache, causal=True, block_mask=None if kernel else jnp.asarray(visible),
+            positions=cache.lengths[:, None] + jnp.asarray(offsets)[None, :],
+            attention_kernel=kernel, quadratic=size if kernel else 0)
         return model.logits(hidden[:, :2 * size]), cache.write(block_kv, cache.lengths)
 
     program = compile_program(forward, state, cache, block, donate_argnums=(1,))
@@ -406,7 +420,8 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
     kernels = Cost(0, 0)
     if attention == "pallas":
         nbytes, flops = kernel_cost(1, tokens, c.num_attention_heads, c.num_key_value_heads,
-                                    c.head_dim, attended, slots=slots)
+                                    c.head_dim, attended, slots=slots,
+                                    causal=pattern != "quadratic")
         kernels = Cost(c.num_hidden_layers * nbytes, c.num_hidden_layers * flops)
     logit_rows = {"causal": tokens, "prefill": 1, "quadratic": 2 * size}[pattern]
     # (query, key) pairs inside the block: causal, or the quadratic pattern's visible pairs.
@@ -429,3 +444,75 @@ def _ideal(c: Any, tokens: int, valid: int, logit_rows: int, own_pairs: int) -> 
     attention_flops = 4 * layers * n * h * (tokens * valid + own_pairs)
     flops = 2 * tokens * layers * per_layer + 2 * logit_rows * d * v + attention_flops
     return Cost(bytes=weight_bytes + kv_bytes, flops=flops)
+
+
+class _Captured(Exception):
+    """Raised by the stand-in program: generate() has prepared its arguments."""
+
+
+def compile_generate(model_config: Any, mode: str, prompt: int, new_tokens: int, *,
+                     mesh: jax.sharding.Mesh, layer_loop: str = "unroll") -> Program:
+    """The whole program generate() runs for one batch-1 request, compiled for the target.
+
+    generate() runs its own checks and bucketing on an abstract model (no weights); the kernels
+    are chosen as "auto" chooses them on a Hopper GPU, and the layers loop as `layer_loop`
+    ("unroll": what "auto" does on a GPU; "scan" compiles faster). The program generate()
+    would call is compiled instead of run. (The streaming variant cannot be compiled without a
+    GPU: its host callback's lowering asks for the CUDA backend.)
+    """
+    import importlib
+
+    from flax import nnx
+
+    import nld_jax
+    from nld_jax import kernels
+    from nld_jax.model import NLDModel
+
+    generate_module = importlib.import_module("nld_jax.generate")
+    model = nnx.eval_shape(lambda: NLDModel(model_config, dtype=jnp.bfloat16,
+                                            rngs=nnx.Rngs(0)))
+    model.layer_loop = layer_loop
+    program, hopper = generate_module._program, kernels.on_hopper
+    captured: dict[str, Any] = {}
+
+    def capture(graphdef: Any, *args: Any, static: Any) -> None:
+        captured.update(graphdef=graphdef, args=args, static=static)
+        raise _Captured
+
+    generate_module._program, kernels.on_hopper = capture, lambda: True
+    try:
+        nld_jax.generate(model, [[1] * prompt], mode=mode, max_new_tokens=new_tokens)
+    except _Captured:
+        pass
+    finally:
+        generate_module._program, kernels.on_hopper = program, hopper
+    if not captured:
+        raise RuntimeError("generate() did not reach its program")
+    return compile_program(functools.partial(program, captured["graphdef"],
+                                             static=captured["static"]),
+                           *abstract(captured["args"], mesh))
+
+
+def generate_temp_bound(model_config: Any, prompt: int, new_tokens: int, block: int) -> int:
+    """An upper bound, from first principles, on a batch-1 generate program's temp memory.
+
+    The KV cache, created inside the program: 2 x L x S x K x H bf16 for S = the prompt bucket
+    + the output bucket + room for two quadratic blocks; the prefill's K/V of every layer before
+    it is written (2 x L x P x K x H bf16); one layer's activations of the widest forward, the
+    prefill of P tokens, every value counted in float32: gate, up and their product (3F), q/k/v
+    and the attention output with its partials (2(N + 2K)H), the residual stream, norms and the
+    hidden states (4D); the logits of the widest block step (b(b+1) x V float32); and 64 MiB of
+    small buffers (token buffers, sampling state).
+    """
+    c = model_config
+    bucket = 1 << max(prompt - 1, 1).bit_length()
+    out = 1 << max(new_tokens - 1, 1).bit_length()
+    slots = bucket + out + 2 * block * (block + 1)
+    layers, kv, h = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+    cache = 2 * layers * slots * kv * h * 2
+    prefill_kv = 2 * layers * bucket * kv * h * 2
+    per_token = (3 * c.intermediate_size + 2 * (c.num_attention_heads + 2 * kv) * h
+                 + 4 * c.hidden_size)
+    activations = bucket * per_token * 4
+    logits = block * (block + 1) * c.vocab_size * 4
+    return cache + prefill_kv + activations + logits + (64 << 20)

@@ -75,6 +75,8 @@ def test_benchmark_modes_and_table():
     result = dict(size="8B", target="h100", jax="0.11.2", commit="x", date="d",
                   forwards=forwards, kernels=[dict(name="k", config="c", registers=1,
                                                    spill_bytes=0)],
-                  programs=[], modes=list(modes.values()))
+                  programs=[dict(mode="ar", compile_s=30.0, temp_bytes=1e9, while_ops=3)],
+                  modes=list(modes.values()))
     text = bench.table(result)
     assert "not a GPU measurement" in text and "| quadratic T=32*33 |" in text
+    assert "| ar | 30.0 | 1.00 | 3 |" in text

@@ -1,0 +1,37 @@
+"""Each mode's whole 8B generate program, compiled for an H100 with the kernels selected."""
+
+from __future__ import annotations
+
+import pytest
+
+import nld_jax
+from nld_jax import aot
+
+CONFIG = nld_jax.NLDConfig.preset("8B")
+NEW_TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return aot.target_mesh("h100")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", [512, 8192])
+@pytest.mark.parametrize("mode", nld_jax.MODES)
+def test_generate_program(mode, prompt, mesh):
+    """One decode while loop at the top level (the layers scanned: CI's faster compile; a layer
+    scan has the layer count as its trip count), no host callback, the attention kernel in the
+    prefill and the loop, every kernel without spills, temp memory under the first-principles
+    bound (nld_jax.aot.generate_temp_bound)."""
+    program = aot.compile_generate(CONFIG, mode, prompt, NEW_TOKENS, mesh=mesh,
+                                   layer_loop="scan")
+    loops = program.top_level_loops
+    assert loops.count(None) == 1, loops  # the decode loop (denoise steps nest inside it)
+    assert all(n in (None, CONFIG.num_hidden_layers) for n in loops), loops
+    assert program.host_callbacks == 0
+    assert program.kernel_calls >= 2  # the prefill's and the decode loop's attention
+    assert all(r.spill_bytes == 0 and not r.messages for r in program.ptxas), program.ptxas
+    bound = aot.generate_temp_bound(CONFIG, prompt, NEW_TOKENS, CONFIG.block_size)
+    assert 0 < program.temp_bytes <= bound, (program.temp_bytes, bound)
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 import nld_jax
@@ -9,6 +11,7 @@ from nld_jax import aot
 
 CONFIG = nld_jax.NLDConfig.preset("8B")
 NEW_TOKENS = 256
+PREFILL_CHUNK = inspect.signature(nld_jax.generate).parameters["prefill_chunk"].default
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +23,16 @@ def mesh():
 @pytest.mark.parametrize("prompt", [512, 8192])
 @pytest.mark.parametrize("mode", nld_jax.MODES)
 def test_generate_program(mode, prompt, mesh):
-    """One decode while loop at the top level (the layers scanned: CI's faster compile; a layer
-    scan has the layer count as its trip count), no host callback, the attention kernel in the
-    prefill and the loop, every kernel without spills, temp memory under the first-principles
-    bound (nld_jax.aot.generate_temp_bound)."""
+    """One decode while loop at the top level (plus the chunked prefill's; the layers are
+    scanned, CI's faster compile, and a layer scan has the layer count as its trip count), no
+    host callback, the attention kernel in the prefill and the loop, every kernel without
+    spills, temp memory under the first-principles bound (nld_jax.aot.generate_temp_bound)."""
     program = aot.compile_generate(CONFIG, mode, prompt, NEW_TOKENS, mesh=mesh,
                                    layer_loop="scan")
     loops = program.top_level_loops
-    assert loops.count(None) == 1, loops  # the decode loop (denoise steps nest inside it)
+    # The decode loop (denoise steps nest inside it), and a prompt wider than generate()'s
+    # prefill_chunk (512) is prefilled by a loop over chunks.
+    assert loops.count(None) == (1 if prompt <= PREFILL_CHUNK else 2), loops
     assert all(n in (None, CONFIG.num_hidden_layers) for n in loops), loops
     assert program.host_callbacks == 0
     assert program.kernel_calls >= 2  # the prefill's and the decode loop's attention

@@ -34,6 +34,7 @@ from nld_jax.decode.common import (
 )
 from nld_jax.kernels import Kernels
 from nld_jax.model import NLDModel
+from nld_jax.sharding import CACHE_AXES, Layout
 from nld_jax.vision import prepare_images
 
 __all__ = ["generate", "GenerationOutput", "MODES"]
@@ -124,6 +125,7 @@ class _Static:
     top_k: int
     kernels: Kernels
     prefill_chunk: int  # prompts wider than this are prefilled in chunks of it
+    layout: Layout | None  # the model's mesh and sharding rules (None: one device)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"))
@@ -147,6 +149,11 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, settings: Any, prompts: j
     cache = KVCache.empty(num_layers=config.num_hidden_layers, batch=prompts.shape[0],
                           capacity=static.capacity, num_kv_heads=config.num_key_value_heads,
                           head_dim=config.head_dim, dtype=model.dtype)
+    if static.layout is not None:  # KV cache over kv heads and batch rows, prompts over rows
+        cache = jax.lax.with_sharding_constraint(cache, KVCache(
+            k=static.layout.sharding(CACHE_AXES), v=static.layout.sharding(CACHE_AXES),
+            lengths=static.layout.sharding(("batch",))))
+        prompts = jax.lax.with_sharding_constraint(prompts, static.layout.sharding(("batch", None)))
     initial = start(ctx, static.mode, prompts, prompt_lengths, cache, static.out_len,
                     max_new_tokens, rng, images, prefill_chunk=static.prefill_chunk)
     return dataclasses.replace(run_loop(ctx, static.mode, initial, stream), cache=None)
@@ -326,8 +333,10 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
     prompt_bucket, out_len, capacity = _sizes(settings.room(), max(len(r) for r in rows),
                                               int(max_new_tokens), max_cache_len, limit,
                                               prefill_chunk)
+    layout: Layout | None = getattr(model, "layout", None)
     kernels = Kernels.choose(model.attention_impl, config=config, dtype=model.dtype,
-                             capacity=capacity, block_size=settings.step_block)
+                             capacity=capacity, block_size=settings.step_block,
+                             sharded=layout is not None and layout.mesh.size > 1)
     # Before compiling anything: would the cache and the biggest activation fit?
     step_tokens = max(1, settings.room().write_ahead)
     limits.check_memory(limits.estimate_memory(
@@ -343,7 +352,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
 
     graphdef, state = nnx.split(model)
     static = _Static(mode=decode_mode, capacity=capacity, out_len=out_len, top_k=top_k,
-                     kernels=kernels, prefill_chunk=prefill_chunk)
+                     kernels=kernels, prefill_chunk=prefill_chunk, layout=layout)
     handler = None if stream is None else _StreamHandler(stream, len(rows), eos_ids)
     stream_id = None if handler is None else register_stream(handler)
     try:

@@ -53,10 +53,12 @@ class Kernels:
 
     @classmethod
     def choose(cls, requested: str, *, config: NLDConfig, dtype: jnp.dtype, capacity: int,
-               block_size: int | None) -> Kernels:
+               block_size: int | None, sharded: bool = False) -> Kernels:
         """The kernels for a program of these shapes under `requested` (see the module doc).
 
         `block_size` None: the mode has no greedy step work (AR), so no step kernel is asked for.
+        `sharded`: the model is partitioned over a mesh of several devices; the kernels are
+        single-device programs (no shard_map wrapping yet), so they are not used there.
         """
         if requested not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={requested!r}; expected one of {IMPLEMENTATIONS}")
@@ -70,6 +72,9 @@ class Kernels:
             jax.ShapeDtypeStruct((config.num_hidden_layers, 1, capacity, k, h), dtype)))
         if block_size is not None:
             reasons["step"] = step_unsupported_reason(config.vocab_size, block_size)
+        if sharded:
+            reasons = {name: "the model is sharded over several devices (the kernels are not "
+                             "wrapped in shard_map)" for name in reasons}
         if requested == "pallas":
             for name, reason in reasons.items():
                 if reason is not None:

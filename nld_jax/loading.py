@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from nld_jax.atomic import atomic_directory, file_mode
 from nld_jax.config import ConfigError, NLDConfig
 from nld_jax.model import NLDModel
+from nld_jax.sharding import Layout
 from nld_jax.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = ["load_model", "save_model", "source_dtype", "resolve_checkpoint_dir", "LoadError",
@@ -377,7 +378,7 @@ def _read_marker(model_dir: str) -> dict[str, Any]:
     return marker
 
 
-def _restore_orbax(model_dir: str, stored: dict, mesh: jax.sharding.Mesh | None,
+def _restore_orbax(model_dir: str, stored: dict, layout: Layout | None,
                    check_finite: bool) -> dict:
     """Restores params/ into the structs of `stored` (cast to their dtype), after checking the
     checkpoint's metadata names exactly those parameters with those shapes."""
@@ -407,10 +408,13 @@ def _restore_orbax(model_dir: str, stored: dict, mesh: jax.sharding.Mesh | None,
             if shape != struct.shape:
                 raise LoadError(f"{params_dir}: parameter {name!r} has shape {list(shape)}, "
                                 f"expected {list(struct.shape)} from the config")
-        sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else
-                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        # Each array restored straight into its shards (the layout's), else the default device.
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = (jax.tree.map(lambda _: single, stored) if layout is None
+                     else layout.param_shardings(stored))
         target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), stored)
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            stored, shardings)
         try:
             values = checkpointer.restore(params_dir, target)
         except Exception as e:  # a truncated or corrupt array file
@@ -434,7 +438,8 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
                lora: bool | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
                *, check_finite: bool = True,
                on_tensor: Callable[[str, int], None] | None = None,
-               vision_dtype: str | jnp.dtype = "float32") -> NLDModel:
+               vision_dtype: str | jnp.dtype = "float32",
+               rules: Mapping[str, str | None] | None = None) -> NLDModel:
     """Loads a released checkpoint directory, or its Orbax copy, into an NLDModel.
 
     Args:
@@ -447,7 +452,10 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
         reach the thousands, spec/vlm.md 3.7) or "bfloat16".
       lora: None: the directory's adapter if present (linear_spec_lora/, or the one stored in
         the Orbax copy); False: no adapter; a path: that PEFT adapter directory.
-      mesh: place every parameter replicated on this mesh (default: the default device).
+      mesh: place every parameter on this mesh, sharded by its logical axes under `rules`
+        (nld_jax.sharding; default: everything on the default device).
+      rules: overrides of nld_jax.sharding.DEFAULT_RULES (logical axis -> mesh axis or None);
+        only with a mesh.
       check_finite: reject tensors holding NaN or Inf, naming the first (on by default: about
         0.2 s per GB of bf16 weights on CPU, benchmarks/check_finite_cost.py). False skips it.
       on_tensor: called as on_tensor(name, total) after each safetensors tensor is read (for
@@ -471,6 +479,12 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
         lora_dir = os.fspath(lora)  # type: ignore[arg-type]
         if not os.path.isdir(lora_dir):
             raise LoadError(f"{lora_dir}: LoRA adapter directory does not exist")
+    if rules is not None and mesh is None:
+        raise LoadError("rules= places parameters on a mesh: pass mesh= too")
+    try:
+        layout = None if mesh is None else Layout.create(mesh, rules)
+    except (TypeError, ValueError) as e:
+        raise LoadError(str(e)) from None
     orbax = os.path.isfile(os.path.join(model_dir, ORBAX_MARKER))
     if lora is None and not orbax and os.path.isdir(os.path.join(model_dir, LORA_DIR)):
         lora_dir = os.path.join(model_dir, LORA_DIR)
@@ -500,11 +514,16 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
             raise LoadError(str(e)) from None
 
     graphdef, abstract_state, values = _abstract(config, jdtype, lora_spec, jvision)
+    # Shardings are checked (every sharded dimension divides its mesh axis) before any read.
+    try:
+        shardings = None if layout is None else layout.param_shardings(values)
+    except ValueError as e:
+        raise LoadError(f"{model_dir}: {e}") from None
     if orbax:
         stored = values if lora_spec == stored_lora else _abstract(config, jdtype, stored_lora,
                                                                    jvision)[2]
         restored = {name: array for name, array in
-                    _dotted(_restore_orbax(model_dir, stored, mesh, check_finite)).items()
+                    _dotted(_restore_orbax(model_dir, stored, layout, check_finite)).items()
                     if lora is None or ".lora." not in name}  # lora=False or a path: not stored
         values = jax.tree_util.tree_map_with_path(
             lambda p, leaf: restored.get(_dotted_key(p), leaf), values)
@@ -516,11 +535,13 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
                       if isinstance(leaf, jax.ShapeDtypeStruct)]
     if still_abstract:
         raise LoadError(f"{model_dir}: parameters not loaded: {still_abstract[:5]}")
-    if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        values = jax.device_put(values, replicated)
+    if shardings is not None:
+        values = jax.device_put(values, shardings)
     nnx.replace_by_pure_dict(abstract_state, values)
-    return _attach_tokenizer(nnx.merge(graphdef, abstract_state), tokenizer)
+    model = _attach_tokenizer(nnx.merge(graphdef, abstract_state), tokenizer)
+    if layout is not None:
+        model.layout = nnx.static(layout)
+    return model
 
 
 def source_dtype(path: str | os.PathLike, *, lora: bool = True) -> str:

@@ -1,0 +1,114 @@
+"""Tensor and data parallelism on 8 CPU devices (nld_jax.sharding).
+
+The mesh runs happen in tests/mesh_worker.py, a process started with 8 CPU devices (this one
+keeps its single device). Every mode, greedy and sampled, must give the single-device tokens
+under DP=8, DP=2 x TP=4 and TP=8 on a random checkpoint with 8 kv heads, and under TP=2
+on a golden checkpoint (its one kv head replicated by a rules override); each device must hold
+1/TP of each sharded weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import nld_jax
+from nld_jax.config import NLDConfig
+from nld_jax.loading import save_model
+from nld_jax.model import NLDModel
+from nld_jax.sharding import DEFAULT_RULES, Layout, make_mesh, param_axes, shard_model
+from tests.conftest import GOLDEN_DIR
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _run_worker(checkpoint: pathlib.Path, layouts: str, rules: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(checkpoint), layouts,
+                           json.dumps(rules)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=580)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _random_k8(directory: pathlib.Path) -> pathlib.Path:
+    raw = json.loads((GOLDEN_DIR / "gqa4_theta1e6" / "config.json").read_text())
+    raw.update(num_attention_heads=16, num_key_value_heads=8, head_dim=16, intermediate_size=128)
+    model = NLDModel(NLDConfig.from_dict(raw), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    save_model(model, directory / "k8", dtype="float32")
+    return directory / "k8"
+
+
+def _check(report: dict, tp_of: dict[str, int], rules: dict) -> None:
+    assert report["devices"] == 8
+    single = report["single"]
+    assert len(single) == 2 * len(nld_jax.MODES)
+    assert len({json.dumps(tokens) for tokens in single.values()}) > 1  # the runs differ
+    placement = {**DEFAULT_RULES, **rules}
+    for layout, result in report["layouts"].items():
+        for run, tokens in single.items():
+            assert result["tokens"][run] == tokens, (layout, run)
+        tp = tp_of[layout]
+        for name, shard in result["shards"].items():
+            axes = param_axes(tuple(name.split(".")), len(shard["shape"]))
+            # Each dimension placed on "model" is split TP ways; the rest are whole.
+            expected = [size // tp if placement.get(axis) == "model" else size
+                        for size, axis in zip(shard["shape"], axes, strict=True)]
+            assert shard["devices"] == math.prod(int(n) for n in layout.split("x"))
+            assert shard["shards"] == [expected], (layout, name, shard)
+
+
+@pytest.mark.timeout(600)  # 3 layouts x 8 programs, compiled for 8 devices on 2 cores
+def test_tp_dp_and_mixed_give_single_device_tokens(tmp_path):
+    report = _run_worker(_random_k8(tmp_path), "8x1,2x4,1x8", {})
+    _check(report, {"8x1": 1, "2x4": 4, "1x8": 8}, {})
+
+
+def test_golden_checkpoint_tp2_with_replicated_kv_heads():
+    rules = {"kv_heads": None}
+    report = _run_worker(GOLDEN_DIR / "gqa4_theta1e6", "1x2", rules)
+    _check(report, {"1x2": 2}, rules)
+
+
+def test_every_parameter_has_logical_axes():
+    model = nld_jax.load_model(GOLDEN_DIR / "gqa4_theta1e6", dtype="float32")
+    assert model.has_lora
+    pure = nnx.to_pure_dict(nnx.state(model))
+    shardings = Layout.create(make_mesh()).param_shardings(pure)  # raises on an unnamed one
+    assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(pure))
+    assert param_axes(("layers", "attn", "k_dkh"), 4) == ("layers", "embed", "kv_heads",
+                                                          "head_dim")
+    with pytest.raises(ValueError, match="no logical axes"):
+        param_axes(("layers", "attn", "mystery"), 2)
+    with pytest.raises(ValueError, match="dimensions"):
+        param_axes(("embed_vd",), 3)
+
+
+def test_bad_rules_and_meshes_are_named_errors():
+    path = GOLDEN_DIR / "gqa4_theta1e6"
+    with pytest.raises(nld_jax.LoadError, match="unknown logical axes"):
+        nld_jax.load_model(path, mesh=make_mesh(), rules={"heads": "model"})
+    with pytest.raises(nld_jax.LoadError, match="mesh has axes"):
+        nld_jax.load_model(path, mesh=make_mesh(), rules={"vocab": "tensor"})
+    with pytest.raises(nld_jax.LoadError, match="pass mesh="):
+        nld_jax.load_model(path, rules={"vocab": None})
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        make_mesh(data=2)
+
+
+def test_shard_model_on_one_device_keeps_tokens():
+    model = nld_jax.load_model(GOLDEN_DIR / "gqa4_theta1e6", dtype="float32", lora=False)
+    before = nld_jax.generate(model, [[1, 5, 9]], mode="ar", max_new_tokens=6).tokens
+    shard_model(model, make_mesh())
+    assert model.layout.mesh.size == 1
+    assert nld_jax.generate(model, [[1, 5, 9]], mode="ar", max_new_tokens=6).tokens == before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -280,6 +281,79 @@ def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, check_fi
             on_tensor(name, len(files))
 
 
+def _flat_range(dims: tuple[int, ...], index: tuple[slice, ...], name: str) -> slice:
+    """The flat (row-major) range of `index` into `dims`: contiguous only when every dimension
+    after the first sliced one is whole (heads split, head_dim whole: the rules' placements)."""
+    starts = [sl.indices(size)[0] for sl, size in zip(index, dims, strict=True)]
+    stops = [sl.indices(size)[1] for sl, size in zip(index, dims, strict=True)]
+    sliced = [i for i, size in enumerate(dims) if (starts[i], stops[i]) != (0, size)]
+    if len(sliced) > 1 or (sliced and any(dims[i] > 1 for i in range(sliced[0]))):
+        raise LoadError(f"{name}: a shard {index} of dimensions {dims} is not one contiguous "
+                        f"range of the file's tensor (shard one leading axis per group)")
+    inner = math.prod(dims[sliced[0] + 1:]) if sliced else math.prod(dims)
+    if not sliced:
+        return slice(0, inner)
+    return slice(starts[sliced[0]] * inner, stops[sliced[0]] * inner)
+
+
+def _read_shard(handle: Any, name: str, rule: _Rule, shape: tuple[int, ...],
+                index: tuple[slice, ...], check_finite: bool) -> np.ndarray:
+    """The part `index` of parameter `shape` (one layer's) read from the file, sliced there."""
+    local = tuple(len(range(*sl.indices(size))) for sl, size in zip(index, shape, strict=True))
+    if local == shape:  # the whole tensor (replicated here)
+        whole = handle.get_tensor(name)
+        part = rule.to_flax(whole, shape)
+    elif not rule.transposed:  # parameter dims are the file's dims
+        part = handle.get_slice(name)[index]
+    else:  # file [out, in] -> parameter [in dims..., out dims...]
+        in_size = rule.hf_shape[1]
+        split = next(k for k in range(len(shape) + 1) if math.prod(shape[:k]) == in_size)
+        rows = _flat_range(shape[split:], index[split:], name)
+        cols = _flat_range(shape[:split], index[:split], name)
+        part = handle.get_slice(name)[rows, cols].T.reshape(local)
+    if check_finite and not np.isfinite(part).all():
+        raise LoadError(f"tensor {name!r} contains NaN or Inf")
+    return part
+
+
+def _read_sharded(rules: dict[str, _Rule], files: dict[str, str], shapes: dict,
+                  shardings: dict, check_finite: bool,
+                  on_tensor: Callable[[str, int], None] | None = None
+                  ) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
+    """As `_read`, but each device's shard is read straight from the files (safetensors
+    slicing) into that device: the host holds one shard at a time, never a whole tensor that
+    is split over the mesh."""
+    by_param: dict[tuple[str | int, ...], dict[int | None, str]] = {}
+    for name, rule in rules.items():
+        by_param.setdefault(rule.path, {})[rule.layer] = name
+    for path, names in by_param.items():
+        struct, sharding = _get(shapes, path), _get(shardings, path)
+        stacked = None not in names
+
+        def shard(index: tuple[slice, ...], names: dict = names, struct: Any = struct,
+                  stacked: bool = stacked) -> np.ndarray:
+            layers = range(*index[0].indices(struct.shape[0])) if stacked else [None]
+            inner_index = index[1:] if stacked else index
+            inner_shape = struct.shape[1:] if stacked else struct.shape
+            parts = []
+            for layer in layers:
+                name = names[layer]
+                with _open(files[name]) as handle:
+                    try:
+                        parts.append(_read_shard(handle, name, rules[name], inner_shape,
+                                                 inner_index, check_finite))
+                    except SafetensorError as e:
+                        raise LoadError(f"{files[name]}: cannot read tensor {name!r} "
+                                        f"({e})") from None
+            part = np.stack(parts) if stacked else parts[0]
+            return part.astype(struct.dtype)
+
+        yield path, jax.make_array_from_callback(struct.shape, sharding, shard)
+        if on_tensor is not None:
+            for name in names.values():
+                on_tensor(name, len(files))
+
+
 def _get(tree: dict, path: tuple[str | int, ...]) -> Any:
     for key in path:
         tree = tree[key]
@@ -527,7 +601,9 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
                     if lora is None or ".lora." not in name}  # lora=False or a path: not stored
         values = jax.tree_util.tree_map_with_path(
             lambda p, leaf: restored.get(_dotted_key(p), leaf), values)
-    for param_path, array in _read(rules, files, values, check_finite, on_tensor):
+    reader = (_read(rules, files, values, check_finite, on_tensor) if shardings is None else
+              _read_sharded(rules, files, values, shardings, check_finite, on_tensor))
+    for param_path, array in reader:
         _set(values, param_path, array)
     # Every parameter must have come from the files: none may stay abstract.
     leaves = jax.tree_util.tree_leaves_with_path(values)

@@ -58,6 +58,7 @@ def _check(report: dict, tp_of: dict[str, int], rules: dict) -> None:
     for layout, result in report["layouts"].items():
         for run, tokens in single.items():
             assert result["tokens"][run] == tokens, (layout, run)
+        assert result["params_equal"], layout
         tp = tp_of[layout]
         for name, shard in result["shards"].items():
             axes = param_axes(tuple(name.split(".")), len(shard["shape"]))

@@ -156,7 +156,10 @@ def _program(graphdef: nnx.GraphDef, state: nnx.State, settings: Any, prompts: j
         prompts = jax.lax.with_sharding_constraint(prompts, static.layout.sharding(("batch", None)))
     initial = start(ctx, static.mode, prompts, prompt_lengths, cache, static.out_len,
                     max_new_tokens, rng, images, prefill_chunk=static.prefill_chunk)
-    return dataclasses.replace(run_loop(ctx, static.mode, initial, stream), cache=None)
+    final = dataclasses.replace(run_loop(ctx, static.mode, initial, stream), cache=None)
+    if static.layout is not None:  # every process reads the whole result (multi-host too)
+        final = jax.lax.with_sharding_constraint(final, static.layout.sharding(()))
+    return final
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -30,7 +30,7 @@ _MAX_T = 64
 
 def on_hopper() -> bool:
     """The default device is an NVIDIA GPU of compute capability 9.x (H100, H200)."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
         "9")
 

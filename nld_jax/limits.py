@@ -78,7 +78,7 @@ def estimate_memory(config: NLDConfig, dtype: jnp.dtype, *, batch: int, capacity
 
 def available_memory(device: jax.Device | None = None) -> tuple[int | None, str]:
     """(free bytes, where the figure comes from); None when nothing can tell."""
-    device = jax.devices()[0] if device is None else device
+    device = jax.local_devices()[0] if device is None else device
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)

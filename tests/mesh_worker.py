@@ -24,9 +24,8 @@ from flax import nnx  # noqa: E402
 
 import nld_jax  # noqa: E402
 from nld_jax.sharding import make_mesh  # noqa: E402
+from tests.mesh_cases import PROMPTS  # noqa: E402
 
-PROMPTS = [[1, 5, 9, 12], [1, 7], [1, 3, 3, 3, 3, 3, 3, 3, 8], [1, 2, 4], [1, 60, 61, 62, 63, 64],
-           [1, 9], [1, 10, 20, 30, 40, 50, 60], [1, 100 - 1]]
 SAMPLINGS = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, seed=3)}
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ from nld_jax.loading import save_model
 from nld_jax.model import NLDModel
 from nld_jax.sharding import DEFAULT_RULES, Layout, make_mesh, param_axes, shard_model
 from tests.conftest import GOLDEN_DIR
+from tests.mesh_cases import PROMPTS, RUNS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -113,3 +115,25 @@ def test_shard_model_on_one_device_keeps_tokens():
     shard_model(model, make_mesh())
     assert model.layout.mesh.size == 1
     assert nld_jax.generate(model, [[1, 5, 9]], mode="ar", max_new_tokens=6).tokens == before
+
+
+def test_two_processes_give_single_process_tokens(tmp_path):
+    """jax.distributed across two processes (4 CPU devices each, gloo), one 2 x 4 mesh."""
+    checkpoint = _random_k8(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(rank),
+                                 str(port), str(checkpoint)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for rank in (0, 1)]
+    outputs = [worker.communicate(timeout=250) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    model = nld_jax.load_model(checkpoint, dtype="float32")
+    expected = {name: nld_jax.generate(model, PROMPTS, max_new_tokens=16, block_size=8,
+                                       eos_token_ids=[127], **run).tokens
+                for name, run in RUNS.items()}
+    for out, _ in outputs:
+        assert json.loads(out.strip().splitlines()[-1]) == expected

@@ -137,3 +137,34 @@ def test_two_processes_give_single_process_tokens(tmp_path):
                 for name, run in RUNS.items()}
     for out, _ in outputs:
         assert json.loads(out.strip().splitlines()[-1]) == expected
+
+
+ORBAX_CHECK = """
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import numpy as np
+from flax import nnx
+import nld_jax
+from nld_jax.sharding import make_mesh
+whole = nnx.to_pure_dict(nnx.state(nld_jax.load_model(sys.argv[1], dtype="float32")))
+model = nld_jax.load_model(sys.argv[2], dtype="float32", mesh=make_mesh(data=2, model=4))
+restored = nnx.to_pure_dict(nnx.state(model))
+assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                                 whole, restored))
+q = restored["layers"]["attn"]["q_dnh"]
+assert {s.data.shape for s in q.addressable_shards} == {(2, 64, 4, 16)}, q.sharding
+print("ok")
+"""
+
+
+def test_orbax_copy_restores_sharded(tmp_path):
+    from convert.hf_to_orbax import convert
+
+    checkpoint = _random_k8(tmp_path)
+    convert(checkpoint, tmp_path / "orbax")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", ORBAX_CHECK, str(checkpoint),
+                           str(tmp_path / "orbax")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=250)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -1,0 +1,27 @@
+"""The aot layer (tests/aot), run in a separate pytest process: see tests/conftest.py for why."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.aot
+@pytest.mark.timeout(2400)
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None,
+                    reason="the aot layer needs the `aot` extra (jax[cuda13])")
+def test_aot_layer_in_its_own_process():
+    env = {**os.environ, "NLD_AOT_IN_PROCESS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/aot"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=2300)
+    print(result.stdout[-20000:], result.stderr[-5000:])
+    # 0: passed (skips included, e.g. without the aot extra); anything else is a failure.
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]

@@ -107,7 +107,9 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_ctrl_c_while_streaming_is_one_line_and_status_130():
     process = subprocess.Popen(
         [sys.executable, "-c", _SLOW_STREAM, TINY, "<s> reverse 1 2 3 4 5 6 7 8 9 =", "--mode",
-         "ar", *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+         "ar", *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        # A shell's background job starts with SIGINT ignored, which Python then keeps.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.read(1)  # the first token's text: the loop is running
     start = time.perf_counter()
     process.send_signal(signal.SIGINT)

@@ -303,7 +303,8 @@ sys.exit(hf_to_orbax.main(sys.argv[2:]))
 def _paused_convert(phase: str, *args: str) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-c", _PAUSED_CONVERT, phase, *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT)
+                               cwd=ROOT,  # SIGINT may be ignored by a background job's shell
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline() == "ready\n", process.communicate(timeout=60)
     return process
 

@@ -119,13 +119,7 @@ class TestInterpret:
     def test_model_forward_with_kernel_equals_xla(self):
         """The network with the attention kernel (interpreted) equals the XLA path; two layers,
         so the kernel reads the stacked cache at the scan's traced layer index."""
-        config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=2)
-        model = NLDModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        cache = KVCache.empty(num_layers=2, batch=2, capacity=128, num_kv_heads=2,
-                              head_dim=64, dtype=jnp.bfloat16)
-        tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, config.vocab_size)
-        _, block_kv = model.forward(tokens, cache, causal=True)
-        cache = cache.write(block_kv, cache.lengths).advance(jnp.array([24, 10]))
+        config, model, tokens, cache = _two_layer_model_and_cache(1, 24, [24, 10])
         block = tokens[:, :8]
         results = {}
         for kernel in (False, True):
@@ -159,13 +153,7 @@ class TestInterpret:
         (quadratic=b) equals the XLA path given block_layout's explicit mask."""
         from nld_jax.decode.self_spec_quadratic import block_layout
 
-        config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=2)
-        model = NLDModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        cache = KVCache.empty(num_layers=2, batch=2, capacity=128, num_kv_heads=2,
-                              head_dim=64, dtype=jnp.bfloat16)
-        prompt = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
-        _, block_kv = model.forward(prompt, cache, causal=True)
-        cache = cache.write(block_kv, cache.lengths).advance(jnp.array([16, 7]))
+        config, model, _, cache = _two_layer_model_and_cache(2, 16, [16, 7])
         offsets, _, visible = block_layout(8)
         tokens = jax.random.randint(jax.random.key(3), (2, 72), 0, config.vocab_size)
         positions = cache.lengths[:, None] + jnp.asarray(offsets)[None, :]
@@ -263,3 +251,15 @@ class TestGPU:
         for xla_out, pallas_out in zip(outputs["xla"], outputs["pallas"], strict=True):
             for a, b in zip(xla_out.tokens, pallas_out.tokens, strict=True):
                 assert a[:8] == b[:8]
+
+
+def _two_layer_model_and_cache(seed: int, prompt_len: int, lengths: list[int]):
+    """A bf16 two-layer tiny model (head_dim 64, as the kernel needs) and its cache holding a
+    random prompt's K/V, rows valid up to `lengths`: (config, model, prompt, cache)."""
+    config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_hidden_layers=2)
+    model = NLDModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cache = KVCache.empty(num_layers=2, batch=2, capacity=128, num_kv_heads=2, head_dim=64,
+                          dtype=jnp.bfloat16)
+    prompt = jax.random.randint(jax.random.key(seed), (2, prompt_len), 0, config.vocab_size)
+    _, block_kv = model.forward(prompt, cache, causal=True)
+    return config, model, prompt, cache.write(block_kv, cache.lengths).advance(jnp.array(lengths))

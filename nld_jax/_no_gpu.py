@@ -10,12 +10,21 @@ without the extra; where a GPU is present nothing is changed. Imported first by 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
 
 def nvidia_device_visible() -> bool:
     """Whether this machine exposes an NVIDIA GPU (its device nodes exist)."""
     return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA 13 plugin (the `aot` extra) is installed."""
+    # find_spec of a dotted name raises when the parent package is absent, as it is without
+    # any jax plugin installed.
+    return (importlib.util.find_spec("jax_plugins") is not None
+            and importlib.util.find_spec("jax_plugins.xla_cuda13") is not None)
 
 
 if not nvidia_device_visible():

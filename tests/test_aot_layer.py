@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -10,12 +9,14 @@ import sys
 
 import pytest
 
+from nld_jax._no_gpu import cuda_plugin_installed
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.aot
 @pytest.mark.timeout(2400)
-@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None,
+@pytest.mark.skipif(not cuda_plugin_installed(),
                     reason="the aot layer needs the `aot` extra (jax[cuda13])")
 @pytest.mark.skipif(os.environ.get("NLD_AOT") != "1",
                     reason="set NLD_AOT=1: the layer failed in a fresh-clone CI run for a reason "

@@ -6,13 +6,13 @@ layer is skipped as a whole, with that reason.
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
 import nld_jax  # noqa: F401  (first: keeps the plugin's start-up checks quiet without a GPU)
+from nld_jax._no_gpu import cuda_plugin_installed
 
-if importlib.util.find_spec("jax_plugins.xla_cuda13") is None:
+if not cuda_plugin_installed():
     pytest.skip("the aot layer needs the `aot` extra (jax[cuda13])", allow_module_level=True)
 
 

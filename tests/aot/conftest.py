@@ -6,7 +6,6 @@ layer is skipped as a whole, with that reason.
 
 from __future__ import annotations
 
-
 import pytest
 
 import nld_jax  # noqa: F401  (first: keeps the plugin's start-up checks quiet without a GPU)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 from typing import Any
@@ -14,11 +15,45 @@ GOLDEN_CASES = ("gqa4_theta1e6", "gqa3_theta1e9_sharded")
 LONG_DIR = pathlib.Path(__file__).parent / "fixtures" / "long_context"
 
 # The aot layer runs in a process of its own (tests/test_aot_layer.py starts it with this
-# variable set). Compiling Mosaic-GPU kernels through the CUDA plugin leaves exception-unwind
-# tables behind in the process; a C++ exception thrown by a later CPU compile then crashes in
-# libgcc's unwinder (_Unwind_Find_FDE, seen in a core dump of a full run).
+# variable set): its GPU compiles need the CUDA plugin and their own memory.
 AOT_IN_PROCESS = "NLD_AOT_IN_PROCESS"
 collect_ignore = [] if os.environ.get(AOT_IN_PROCESS) == "1" else ["aot"]
+
+
+def _memory_map_count() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def _memory_map_limit() -> int:
+    with open("/proc/sys/vm/max_map_count") as limit:
+        return int(limit.read())
+
+
+def _release_compiled_programs() -> None:
+    import jax  # not at import time: conftest loads before pytest_configure sets the env
+
+    jax.clear_caches()
+    gc.collect()
+
+
+# Each program XLA's CPU backend compiles lives in JIT memory of its own (several memory maps
+# per kernel), and jax keeps every program alive in its caches. A full run compiles thousands
+# of them: the process reached Linux's vm.max_map_count (65530), the JIT failed to map a new
+# kernel ("Failed to materialize symbols") and the C++ exception that reported it crashed
+# libgcc's unwinder (a segfault; its core dump held 65424 maps). So compiled programs are
+# released after every module, and after any test that leaves the process past half the limit.
+@pytest.fixture(autouse=True, scope="module")
+def _release_programs_per_module() -> Any:
+    yield
+    _release_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _release_programs_near_map_limit() -> Any:
+    yield
+    if _memory_map_count() > _memory_map_limit() // 2:
+        _release_compiled_programs()
 
 
 @pytest.fixture(params=GOLDEN_CASES)

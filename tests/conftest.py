@@ -19,6 +19,10 @@ LONG_DIR = pathlib.Path(__file__).parent / "fixtures" / "long_context"
 AOT_IN_PROCESS = "NLD_AOT_IN_PROCESS"
 collect_ignore = [] if os.environ.get(AOT_IN_PROCESS) == "1" else ["aot"]
 
+# XLA CPU pool threads the Mosaic-GPU interpreter needs for a two-warpgroup kernel: one per
+# simulated warpgroup, one for the enclosing program, one to spare (see pytest_configure).
+INTERPRETER_POOL_THREADS = 4
+
 
 def _memory_map_count() -> int:
     with open("/proc/self/maps") as maps:
@@ -82,3 +86,10 @@ def long_model() -> Any:
 def pytest_configure(config: pytest.Config) -> None:
     # Tests compare float32 results with transformers' float32: keep XLA's CPU matmuls in f32.
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    # The Mosaic-GPU interpreter runs each simulated warpgroup of a thread block as a program
+    # of its own whose barrier waits block a thread, and XLA's CPU runtime may run any of
+    # those waits, and the enclosing program's callback that waits for all of them, on its
+    # intra-op thread pool, sized by PJRT_NPROC or else the core count. With two warpgroups
+    # that is up to three blocked pool threads: on a 2-core machine the pool ran out and
+    # the kernel hung at random (deterministically with PJRT_NPROC=1, never seen with 4).
+    os.environ.setdefault("PJRT_NPROC", str(max(INTERPRETER_POOL_THREADS, os.cpu_count() or 1)))

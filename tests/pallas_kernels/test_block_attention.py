@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -22,6 +24,7 @@ from pallas_kernels.block_attention import (
     default_config,
 )
 from pallas_kernels.block_attention_ref import block_attention_ref
+from tests.conftest import INTERPRETER_POOL_THREADS
 
 # bf16 output: one rounding of values of magnitude ~1 (2**-8) plus the bf16 probabilities.
 ATOL = 3e-2
@@ -144,13 +147,22 @@ class TestInterpret:
         np.testing.assert_array_equal(prefill[True][1][0], prefill[False][1][0])
         np.testing.assert_allclose(prefill[True][1], prefill[False][1], atol=0.05, rtol=0.05)
 
-    @pytest.mark.skip(reason="deadlocks in the Mosaic-GPU interpreter (barrier wait in its "
-                      "io_callback threads) under CI load; the quadratic pattern's numerics are "
-                      "covered at the kernel level against block_layout's mask, and the model's "
-                      "quadratic forward compiles for sm_90a in tests/aot")
+    def test_xla_cpu_pool_fits_two_warpgroups(self):
+        """Each interpreted warpgroup of a 128-row tile blocks an XLA CPU pool thread at its
+        barriers, as does the program around the kernel: a smaller pool hangs the two-warpgroup
+        tests at random (tests/conftest.py sets PJRT_NPROC)."""
+        jax.block_until_ready(jnp.ones(2) + 1)  # the CPU client and its pool exist
+        pool = [task for task in os.listdir("/proc/self/task")
+                if pathlib.Path(f"/proc/self/task/{task}/comm").read_text().strip()
+                == "tf_XLAEigen"]
+        assert len(pool) >= INTERPRETER_POOL_THREADS, (
+            f"XLA's CPU pool has {len(pool)} threads (PJRT_NPROC="
+            f"{os.environ.get('PJRT_NPROC')}); the interpreter needs {INTERPRETER_POOL_THREADS}")
+
     def test_model_quadratic_forward_with_kernel_equals_xla(self):
         """Quadratic self-speculation's forward: the kernel computing the pattern itself
-        (quadratic=b) equals the XLA path given block_layout's explicit mask."""
+        (quadratic=b) equals the XLA path given block_layout's explicit mask. T*G = 144 rows:
+        two warpgroups per thread block, the case that needs the pool above."""
         from nld_jax.decode.self_spec_quadratic import block_layout
 
         config, model, _, cache = _two_layer_model_and_cache(2, 16, [16, 7])

@@ -1,6 +1,6 @@
 """The README's shell commands work as written after the README's own install.
 
-The install is `python3.12 -m venv .venv && .venv/bin/pip install -e ".[test]"`, and nothing
+The install is `python3.12 -m venv .venv && .venv/bin/pip install -e ".[test,aot]"`, and nothing
 activates the environment, so every command must name `.venv/bin/...`. Each command that needs
 no download (no `path/to/` checkpoint, no 8B model, no pip) is run in a scratch directory that
 holds the repository's files and a `.venv/bin/` with this interpreter and the console scripts

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import math
 import os
 import re
 import sys
@@ -31,10 +32,10 @@ from jax.experimental import topologies
 
 import nld_jax._no_gpu  # noqa: F401  (before JAX starts its backends)
 
-__all__ = ["Target", "TARGETS", "target_mesh", "abstract", "PtxasReport", "parse_ptxas",
-           "Program", "compile_program", "Cost", "cost", "KernelCase", "kernel_cases",
-           "compile_kernel", "abstract_model", "Forward", "PATTERNS", "compile_forward",
-           "compile_generate", "generate_temp_bound"]
+__all__ = ["Target", "TARGETS", "target_mesh", "target_layout", "abstract", "PtxasReport",
+           "parse_ptxas", "Collective", "Program", "compile_program", "Cost", "cost",
+           "KernelCase", "kernel_cases", "compile_kernel", "abstract_model", "Forward",
+           "PATTERNS", "compile_forward", "compile_generate", "generate_temp_bound"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,16 @@ def target_mesh(target: str = "h100", devices: int = 1,
     topology = topologies.get_topology_desc(platform="cuda", target_config=_target(target).proto(),
                                             topology=f"1x1x{devices}")
     return topologies.make_mesh(topology, (devices,), (axis_name,))
+
+
+def target_layout(target: str = "h100", *, data: int = 1, model: int = 1,
+                  rules: Any = None) -> Any:
+    """The nld_jax.sharding.Layout of a ("data", "model") mesh of data * model abstract GPUs of
+    `target` (tensor parallel over "model", data parallel over "data"; no device is opened)."""
+    from nld_jax.sharding import Layout, make_mesh
+
+    devices = target_mesh(target, data * model).devices.flat
+    return Layout.create(make_mesh(data=data, model=model, devices=devices), rules)
 
 
 def abstract(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -170,6 +181,33 @@ _MOSAIC_CALL = re.compile(r'custom_call_target="mosaic_gpu_v2".*?backend_config=
 
 
 @dataclasses.dataclass(frozen=True)
+class Collective:
+    """Collectives of one kind in a program: how many, and the bytes of their results."""
+
+    count: int
+    bytes: int
+
+
+# "%name = SHAPE all-reduce(" or "all-reduce-start(" (GPU async); SHAPE may be a tuple.
+_COLLECTIVE = re.compile(r"=\s*(?P<shape>\(?[a-z0-9\[\],{}\s:()]*?\)?)\s+"
+                         r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?P<start>-start)?\(")
+_ARRAY_SHAPE = re.compile(r"\b(pred|[sufb]f?\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _closing_paren(text: str, start: int) -> int:
+    """The index of the ")" that closes the "(" at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced parentheses in {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Program:
     """A program compiled for a target, with what the compiler reported."""
 
@@ -213,6 +251,26 @@ class Program:
     def host_callbacks(self) -> int:
         """Host callbacks in the optimised HLO (each a device-to-host round trip)."""
         return len(re.findall(r'custom_call_target="[^"]*callback[^"]*"', self.hlo))
+
+    @property
+    def collectives(self) -> dict[str, Collective]:
+        """The cross-device collectives of the optimised HLO by kind (all-reduce, all-gather,
+        reduce-scatter, all-to-all, collective-permute): how many and the bytes of their
+        results, per device (loop bodies counted once; an async pair once)."""
+        found: dict[str, Collective] = {}
+        for line in self.hlo.splitlines():
+            match = _COLLECTIVE.search(line)
+            if match is None:
+                continue
+            kind = match.group("kind")
+            shape = match.group("shape")
+            if match.group("start"):  # an async start returns ((operands), results)
+                shape = shape[_closing_paren(shape, 1) + 1:]
+            nbytes = sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+                         for dtype, dims in _ARRAY_SHAPE.findall(shape))
+            seen = found.get(kind, Collective(0, 0))
+            found[kind] = Collective(seen.count + 1, seen.bytes + nbytes)
+        return found
 
     @property
     def kernel_calls(self) -> int:
@@ -336,15 +394,35 @@ def compile_kernel(case: KernelCase) -> Program:
 
 
 def abstract_model(model_config: Any, mesh: jax.sharding.Mesh,
-                   dtype: Any = jnp.bfloat16) -> tuple[Any, Any]:
-    """(graphdef, abstract state) of an NLDModel: shapes only, no weights in memory."""
+                   dtype: Any = jnp.bfloat16, layout: Any = None) -> tuple[Any, Any]:
+    """(graphdef, abstract state) of an NLDModel: shapes only, no weights in memory; every
+    parameter replicated over `mesh`, or with `layout` (an nld_jax.sharding.Layout on `mesh`)
+    placed on its shards as nld_jax.sharding.shard_model places it."""
     from flax import nnx
 
     from nld_jax.model import NLDModel
 
     model = nnx.eval_shape(lambda: NLDModel(model_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    if layout is not None:
+        model.layout = nnx.static(layout)
     graphdef, state = nnx.split(model)
-    return graphdef, abstract(state, mesh)
+    return graphdef, _abstract_state(state, mesh, layout)
+
+
+def _abstract_state(state: Any, mesh: jax.sharding.Mesh, layout: Any) -> Any:
+    """A model state as ShapeDtypeStructs: replicated, or sharded by `layout`."""
+    from flax import nnx
+
+    if layout is None:
+        return abstract(state, mesh)
+    if layout.mesh != mesh:
+        raise ValueError("layout= must be a layout of mesh= (nld_jax.aot.target_layout)")
+    pure = nnx.to_pure_dict(state)
+    placed = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                   sharding=sharding),
+                          pure, layout.param_shardings(pure))
+    nnx.replace_by_pure_dict(state, placed)
+    return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +443,8 @@ PATTERNS = ("causal", "prefill", "quadratic")
 
 def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
                     mesh: jax.sharding.Mesh, attention: str = "pallas",
-                    pattern: str = "causal", name: str = "") -> Forward:
+                    pattern: str = "causal", name: str = "", layout: Any = None,
+                    layer_loop: str = "unroll") -> Forward:
     """A batch-1 forward of T `tokens` against a cache of `slots` with `valid` cached positions.
 
     pattern "causal": a decode forward (T=1 or a block) writing its K/V and returning float32
@@ -373,6 +452,10 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
     last position's logits; "quadratic": quadratic self-speculation's forward of
     T = b*(b+1) tokens for block b (the kernel computes its pattern, XLA takes the explicit
     mask; logits of the b chain positions and one group).
+
+    `layout` (nld_jax.aot.target_layout, on `mesh`): the parameters, the KV cache and the block
+    partitioned as generate() partitions them on a mesh (the cost model is then per device).
+    `layer_loop`: "unroll" (what "auto" does on a GPU) or "scan" (compiles faster).
     """
     from flax import nnx
 
@@ -383,12 +466,20 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
     if pattern not in PATTERNS:
         raise ValueError(f"{pattern=}; expected one of {PATTERNS}")
     c = model_config
-    graphdef, state = abstract_model(c, mesh)
+    graphdef, state = abstract_model(c, mesh, layout=layout)
     cache = jax.eval_shape(lambda: KVCache.empty(
         num_layers=c.num_hidden_layers, batch=1, capacity=slots,
         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, dtype=jnp.bfloat16))
     cache = abstract(cache, mesh)
     block = abstract(jax.ShapeDtypeStruct((1, tokens), jnp.int32), mesh)
+    if layout is not None:  # as generate() places them: the cache over kv heads and rows
+        from nld_jax.sharding import CACHE_AXES
+
+        cache = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.sharding(axes))
+                          for x, axes in ((cache.k, CACHE_AXES), (cache.v, CACHE_AXES),
+                                          (cache.lengths, ("batch",)))))
+        block = jax.ShapeDtypeStruct(block.shape, block.dtype,
+                                     sharding=layout.sharding(("batch", None)))
     size = int(round((tokens + 0.25) ** 0.5 - 0.5))  # b with b * (b + 1) = T
     if pattern == "quadratic" and size * (size + 1) != tokens:
         raise ValueError(f"a quadratic forward has T = b*(b+1) tokens, got {tokens=}")
@@ -398,7 +489,7 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
     def forward(state, cache, block):
         model = nnx.merge(graphdef, state)
         # "auto" scans on the CPU this compiles on; on a GPU it unrolls (see NLDModel).
-        model.layer_loop = "unroll"
+        model.layer_loop = layer_loop
         if pattern == "prefill":
             # The kernel reads the empty cache (no valid slot); XLA attends to the block alone.
             hidden, block_kv = model.forward(block, cache if kernel else None, causal=True,
@@ -451,7 +542,8 @@ class _Captured(Exception):
 
 
 def compile_generate(model_config: Any, mode: str, prompt: int, new_tokens: int, *,
-                     mesh: jax.sharding.Mesh, layer_loop: str = "unroll") -> Program:
+                     mesh: jax.sharding.Mesh, layer_loop: str = "unroll",
+                     layout: Any = None) -> Program:
     """The whole program generate() runs for one batch-1 request, compiled for the target.
 
     generate() runs its own checks and bucketing on an abstract model (no weights); the kernels
@@ -459,6 +551,8 @@ def compile_generate(model_config: Any, mode: str, prompt: int, new_tokens: int,
     ("unroll": what "auto" does on a GPU; "scan" compiles faster). The program generate()
     would call is compiled instead of run. (The streaming variant cannot be compiled without a
     GPU: its host callback's lowering asks for the CUDA backend.)
+    With `layout` (nld_jax.aot.target_layout, on `mesh`) the model is sharded as
+    nld_jax.sharding.shard_model shards it, and generate() partitions its program.
     """
     import importlib
 
@@ -472,6 +566,8 @@ def compile_generate(model_config: Any, mode: str, prompt: int, new_tokens: int,
     model = nnx.eval_shape(lambda: NLDModel(model_config, dtype=jnp.bfloat16,
                                             rngs=nnx.Rngs(0)))
     model.layer_loop = layer_loop
+    if layout is not None:
+        model.layout = nnx.static(layout)
     program, hopper = generate_module._program, kernels.on_hopper
     captured: dict[str, Any] = {}
 
@@ -488,9 +584,10 @@ def compile_generate(model_config: Any, mode: str, prompt: int, new_tokens: int,
         generate_module._program, kernels.on_hopper = program, hopper
     if not captured:
         raise RuntimeError("generate() did not reach its program")
+    state, *rest = captured["args"]
     return compile_program(functools.partial(program, captured["graphdef"],
                                              static=captured["static"]),
-                           *abstract(captured["args"], mesh))
+                           _abstract_state(state, mesh, layout), *abstract(rest, mesh))
 
 
 def generate_temp_bound(model_config: Any, prompt: int, new_tokens: int, block: int) -> int:

@@ -345,8 +345,9 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
     limits.check_memory(limits.estimate_memory(
         config, model.dtype, batch=len(rows), capacity=capacity,
         forwards={"prefill": (min(prompt_bucket, prefill_chunk), not kernels.attention),
-                  "decode step": (step_tokens, not kernels.attention)}),
-        limits.available_memory())
+                  "decode step": (step_tokens, not kernels.attention)}, layout=layout),
+        limits.available_memory() if layout is None else limits.available_memory(
+            layout.mesh.local_devices[0], host_sharers=len(layout.mesh.local_devices)))
     padded = np.zeros((len(rows), prompt_bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row

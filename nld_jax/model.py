@@ -28,6 +28,7 @@ from flax import nnx
 from nld_jax.attention import attend
 from nld_jax.cache import BlockKV, KVCache
 from nld_jax.config import NLDConfig
+from nld_jax.sharding import embed_lookup
 from nld_jax.vision import VisionEncoder, embed_with_images, prepare_images
 
 __all__ = ["NLDModel", "LAYER_LOOPS", "rope_inv_freq"]
@@ -298,7 +299,7 @@ class NLDModel(nnx.Module):
         if positions is None:
             starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        h = jnp.take(self.embed_vd[...], tokens, axis=0)
+        h = embed_lookup(self.embed_vd[...], tokens, getattr(self, "layout", None))
         if images is not None:
             h = embed_with_images(h, *images)
         graphdef, params = nnx.split(self.layers)

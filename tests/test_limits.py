@@ -144,3 +144,36 @@ def test_an_enormous_cache_is_refused_on_this_machine():
     with pytest.raises(limits.ResourceLimitError, match=r"KV cache 192\.\d\d GiB"):
         nld_jax.generate(model, [[1, 4, 5]] * 64, mode="ar", max_new_tokens=8,
                          max_cache_len=1 << 20)
+
+
+def test_estimate_under_a_mesh_is_one_devices_share():
+    """TP=4 x DP=2 on an abstract mesh: the cache splits over kv heads and rows, each
+    activation over its sharded axis; a kv-head count that the rules replicate stays whole."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    from nld_jax.sharding import DEFAULT_RULES, Layout
+
+    def layout(**rules):  # Layout.create wants a concrete Mesh; the estimate reads its shape
+        return Layout(mesh, tuple(sorted({**DEFAULT_RULES, **rules}.items())))
+
+    config = _tiny_config()  # 4 query heads, 2 kv heads
+    mesh = AbstractMesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    forwards = {"prefill": (16, True), "step": (8, True)}
+    whole = limits.estimate_memory(config, jnp.float32, batch=3, capacity=256, forwards=forwards)
+    part = limits.estimate_memory(config, jnp.float32, batch=3, capacity=256, forwards=forwards,
+                                  layout=layout())
+    # 3 rows over 2 data shards: 2 on the fuller one; 2 kv heads over 2 model shards: 1.
+    assert part.cache_bytes == whole.cache_bytes * 2 // 3 // 2
+    assert part.activation == whole.activation == "MLP hidden of the prefill (T=16)"
+    assert part.activation_bytes == whole.activation_bytes * 2 // 3 // 2
+    replicated = limits.estimate_memory(config, jnp.float32, batch=3, capacity=256,
+                                        forwards=forwards,
+                                        layout=layout(kv_heads=None))
+    assert replicated.cache_bytes == whole.cache_bytes * 2 // 3
+
+
+def test_host_memory_is_shared_by_a_meshes_cpu_devices():
+    free, where = limits.available_memory()
+    shared, shared_where = limits.available_memory(host_sharers=8)
+    assert shared_where.endswith("(1/8: one device's share)")
+    assert abs(shared - free // 8) < free // 16  # MemAvailable moves between the two reads

@@ -88,13 +88,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = [row for size in args.size for tp in args.tp
             for row in measure(size, tp, args.programs, args.layer_loop)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    print(f"jax {jax.__version__}, commit {commit}, {datetime.date.today()}; "
-          f"compiled on a CPU-only machine (not a GPU run)\n")
-    print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    print(f"jax {jax.__version__}, commit {head}, {datetime.date.today()}; compiled on a "
+          f"CPU-only machine (not a GPU run)\n\n{table(rows)}")
     return rows
 
 

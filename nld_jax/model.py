@@ -319,6 +319,12 @@ class NLDModel(nnx.Module):
                     h, (k, v) = run_layer(h, jax.tree.map(lambda x, i=i: x[i], params), i)
                 ks.append(k)
                 vs.append(v)
+            # The block's K/V of the last layer do not depend on that layer's read of the
+            # cache, so a caller's cache.write would be unordered with the read, and XLA's copy
+            # insertion would copy the whole cache every decode step to keep the read intact.
+            # Tying the K/V to the final hidden states orders every read before the write, so
+            # the write updates the cache in place (as the scan's loop boundary does).
+            h, ks, vs = jax.lax.optimization_barrier((h, ks, vs))
             k_stacked, v_stacked = jnp.stack(ks), jnp.stack(vs)
         else:
             h, (k_stacked, v_stacked) = jax.lax.scan(

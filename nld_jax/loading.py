@@ -78,11 +78,16 @@ def resolve_checkpoint_dir(path: str) -> str:
                         f"Hub failed ({type(e).__name__}: {e})") from None
 
 
+# A parameter's one name in this module: its keys in nnx.to_pure_dict(state), e.g.
+# ("layers", "attn", "q_dnh") (layers are stacked, so no key is a layer index).
+type _Path = tuple[str, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Rule:
     """How one released tensor becomes one parameter."""
 
-    path: tuple[str | int, ...]  # path in nnx.to_pure_dict(state)
+    path: _Path
     hf_shape: tuple[int, ...]  # shape in the file ([out, in] for Linear)
     # Linear [out, in] -> [in, out] (then reshaped to the parameter's shape); a conv
     # [out, C, kh, kw] flattens its input axes first: [C * kh * kw, out].
@@ -251,12 +256,12 @@ def _check_tensors(rules: dict[str, _Rule], files: dict[str, str], where: str) -
 
 def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, check_finite: bool,
           on_tensor: Callable[[str, int], None] | None = None
-          ) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
+          ) -> Iterator[tuple[_Path, jax.Array]]:
     """Yields (parameter path, array in the dtype of its struct in `shapes`) one parameter at a
     time; on_tensor(name, total) after each tensor. A stacked layer parameter is yielded once
     all L of its tensors have been read (the files are read in order, so only the layers'
     pieces wait in host memory)."""
-    pending: dict[tuple[str | int, ...], dict[int, np.ndarray]] = {}
+    pending: dict[_Path, dict[int, np.ndarray]] = {}
     for name in sorted(files, key=lambda n: (files[n], n)):
         with _open(files[name]) as handle:
             try:
@@ -319,11 +324,11 @@ def _read_shard(handle: Any, name: str, rule: _Rule, shape: tuple[int, ...],
 def _read_sharded(rules: dict[str, _Rule], files: dict[str, str], shapes: dict,
                   shardings: dict, check_finite: bool,
                   on_tensor: Callable[[str, int], None] | None = None
-                  ) -> Iterator[tuple[tuple[str | int, ...], jax.Array]]:
+                  ) -> Iterator[tuple[_Path, jax.Array]]:
     """As `_read`, but each device's shard is read straight from the files (safetensors
     slicing) into that device: the host holds one shard at a time, never a whole tensor that
     is split over the mesh."""
-    by_param: dict[tuple[str | int, ...], dict[int | None, str]] = {}
+    by_param: dict[_Path, dict[int | None, str]] = {}
     for name, rule in rules.items():
         by_param.setdefault(rule.path, {})[rule.layer] = name
     for path, names in by_param.items():
@@ -354,13 +359,13 @@ def _read_sharded(rules: dict[str, _Rule], files: dict[str, str], shapes: dict,
                 on_tensor(name, len(files))
 
 
-def _get(tree: dict, path: tuple[str | int, ...]) -> Any:
+def _get(tree: dict, path: _Path) -> Any:
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree: dict, path: tuple[str | int, ...], value: jax.Array) -> None:
+def _set(tree: dict, path: _Path, value: jax.Array) -> None:
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value
@@ -418,14 +423,19 @@ def _abstract(config: NLDConfig, dtype: jnp.dtype, lora: tuple[int, float] | Non
     return graphdef, state, nnx.to_pure_dict(state)
 
 
-def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested dict -> {"layers.0.attn.q_dnh": leaf} (Orbax stores integer keys as strings)."""
+def _leaves(tree: Any, prefix: _Path = ()) -> dict[_Path, Any]:
+    """A nested dict (parameters, or Orbax's metadata of them) -> {path: leaf}."""
     if not isinstance(tree, dict):
         return {prefix: tree}
-    flat: dict[str, Any] = {}
+    flat: dict[_Path, Any] = {}
     for key, value in tree.items():
-        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(_leaves(value, (*prefix, str(key))))
     return flat
+
+
+def _path_name(path: _Path) -> str:
+    """A parameter path as error messages name it: "layers.attn.q_dnh"."""
+    return ".".join(map(str, path))
 
 
 def _read_marker(model_dir: str) -> dict[str, Any]:
@@ -467,21 +477,21 @@ def _restore_orbax(model_dir: str, stored: dict, layout: Layout | None,
         except Exception as e:  # Orbax raises many types for unreadable metadata
             raise LoadError(f"{params_dir}: not a readable Orbax checkpoint ({e})") from None
         metadata = getattr(metadata, "item_metadata", metadata)
-        found = _dotted(getattr(metadata, "tree", metadata))
-        expected = _dotted(stored)
-        missing = sorted(set(expected) - set(found))
+        found = _leaves(getattr(metadata, "tree", metadata))
+        expected = _leaves(stored)
+        missing = sorted(map(_path_name, set(expected) - set(found)))
         if missing:
             raise LoadError(f"{params_dir}: missing {len(missing)} parameter(s), "
                             f"e.g. {missing[:5]}")
-        unexpected = sorted(set(found) - set(expected))
+        unexpected = sorted(map(_path_name, set(found) - set(expected)))
         if unexpected:
             raise LoadError(f"{params_dir}: unexpected parameter(s) {unexpected[:5]} (config.json "
                             f"or {ORBAX_MARKER} and the checkpoint disagree?)")
-        for name, struct in expected.items():
-            shape = tuple(getattr(found[name], "shape", ()))
+        for path, struct in expected.items():
+            shape = tuple(getattr(found[path], "shape", ()))
             if shape != struct.shape:
-                raise LoadError(f"{params_dir}: parameter {name!r} has shape {list(shape)}, "
-                                f"expected {list(struct.shape)} from the config")
+                raise LoadError(f"{params_dir}: parameter {_path_name(path)!r} has shape "
+                                f"{list(shape)}, expected {list(struct.shape)} from the config")
         # Each array restored straight into its shards (the layout's), else the default device.
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = (jax.tree.map(lambda _: single, stored) if layout is None
@@ -494,9 +504,10 @@ def _restore_orbax(model_dir: str, stored: dict, layout: Layout | None,
         except Exception as e:  # a truncated or corrupt array file
             raise LoadError(f"{params_dir}: cannot restore the parameters ({e})") from None
     if check_finite:
-        for name, array in _dotted(values).items():
+        for path, array in _leaves(values).items():
             if not bool(jnp.isfinite(array.astype(jnp.float32)).all()):
-                raise LoadError(f"{params_dir}: parameter {name!r} contains NaN or Inf")
+                raise LoadError(f"{params_dir}: parameter {_path_name(path)!r} contains NaN "
+                                "or Inf")
     return values
 
 
@@ -596,18 +607,16 @@ def load_model(path: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16",
     if orbax:
         stored = values if lora_spec == stored_lora else _abstract(config, jdtype, stored_lora,
                                                                    jvision)[2]
-        restored = {name: array for name, array in
-                    _dotted(_restore_orbax(model_dir, stored, layout, check_finite)).items()
-                    if lora is None or ".lora." not in name}  # lora=False or a path: not stored
-        values = jax.tree_util.tree_map_with_path(
-            lambda p, leaf: restored.get(_dotted_key(p), leaf), values)
+        restored = _restore_orbax(model_dir, stored, layout, check_finite)
+        for path, array in _leaves(restored).items():
+            if lora is None or "lora" not in path:  # lora=False or a path: not the stored one
+                _set(values, path, array)
     reader = (_read(rules, files, values, check_finite, on_tensor) if shardings is None else
               _read_sharded(rules, files, values, shardings, check_finite, on_tensor))
     for param_path, array in reader:
         _set(values, param_path, array)
     # Every parameter must have come from the files: none may stay abstract.
-    leaves = jax.tree_util.tree_leaves_with_path(values)
-    still_abstract = [jax.tree_util.keystr(p) for p, leaf in leaves
+    still_abstract = [_path_name(path) for path, leaf in _leaves(values).items()
                       if isinstance(leaf, jax.ShapeDtypeStruct)]
     if still_abstract:
         raise LoadError(f"{model_dir}: parameters not loaded: {still_abstract[:5]}")
@@ -645,11 +654,6 @@ def source_dtype(path: str | os.PathLike, *, lora: bool = True) -> str:
         with _open(file) as handle:
             dtypes.update(handle.get_slice(name).get_dtype() for name in handle.keys())
     return "bfloat16" if dtypes == {"BF16"} else "float32"
-
-
-def _dotted_key(path: tuple) -> str:
-    """A tree_util key path -> the dotted name _dotted() gives the same leaf."""
-    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
 def save_model(model: NLDModel, path: str | os.PathLike, *, dtype: str = "bfloat16",

@@ -13,10 +13,13 @@ Two implementations, chosen once per program by `nld_jax.kernels.Kernels` (which
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from nld_jax.cache import KVCache
+from nld_jax.sharding import Layout, heads_on_shards
 
 __all__ = ["attend"]
 
@@ -28,7 +31,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *, cache: KVCache | None = None,
            layer: jax.Array | int = 0, causal: jax.Array | bool = True,
            block_mask: jax.Array | None = None, kernel: bool = False,
-           quadratic: int = 0) -> jax.Array:
+           quadratic: int = 0, layout: Layout | None = None) -> jax.Array:
     """Softmax attention of a block against [cached prefix ++ block].
 
     Args:
@@ -44,12 +47,19 @@ def attend(q: jax.Array, k_block: jax.Array, v_block: jax.Array, *, cache: KVCac
       quadratic: static; b > 0 on the kernel: the block is quadratic self-speculation's
         b*(b+1) tokens and the kernel computes that pattern itself (the XLA path takes it as
         `block_mask`).
+      layout: the model's mesh and rules: on a mesh of several devices the kernel runs on each
+        device's heads and rows (nld_jax.sharding.heads_on_shards).
     Returns:
       [B, T, N, H] in q's dtype.
     """
     if kernel:
         from pallas_kernels.block_attention import block_attention
 
+        if layout is not None and layout.mesh.size > 1:
+            return heads_on_shards(layout, functools.partial(block_attention,
+                                                             quadratic=quadratic),
+                                   q, cache.k, cache.v, cache.lengths, k_block, v_block, causal,
+                                   layer)
         return block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block, causal,
                                layer=layer, quadratic=quadratic)
     b, t, n, h = q.shape

@@ -339,7 +339,7 @@ def generate(model: NLDModel, prompts: Any, mode: str = DEFAULT_MODE, max_new_to
     layout: Layout | None = getattr(model, "layout", None)
     kernels = Kernels.choose(model.attention_impl, config=config, dtype=model.dtype,
                              capacity=capacity, block_size=settings.step_block,
-                             sharded=layout is not None and layout.mesh.size > 1)
+                             layout=layout, batch=len(rows))
     # Before compiling anything: would the cache and the biggest activation fit?
     step_tokens = max(1, settings.room().write_ahead)
     limits.check_memory(limits.estimate_memory(

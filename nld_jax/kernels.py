@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.config import NLDConfig
+from nld_jax.sharding import Layout, heads_on_shards_unsupported_reason
 
 __all__ = ["IMPLEMENTATIONS", "Kernels", "on_hopper", "step_unsupported_reason", "greedy_commit",
            "greedy_verify"]
@@ -53,12 +54,14 @@ class Kernels:
 
     @classmethod
     def choose(cls, requested: str, *, config: NLDConfig, dtype: jnp.dtype, capacity: int,
-               block_size: int | None, sharded: bool = False) -> Kernels:
+               block_size: int | None, layout: Layout | None = None, batch: int = 1
+               ) -> Kernels:
         """The kernels for a program of these shapes under `requested` (see the module doc).
 
         `block_size` None: the mode has no greedy step work (AR), so no step kernel is asked for.
-        `sharded`: the model is partitioned over a mesh of several devices; the kernels are
-        single-device programs (no shard_map wrapping yet), so they are not used there.
+        `layout`: the model's mesh and rules; on several devices the attention kernel runs on
+        each device's heads and `batch` rows (shard_map), and the step kernels, which read
+        whole vocabulary rows, are not used.
         """
         if requested not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={requested!r}; expected one of {IMPLEMENTATIONS}")
@@ -72,9 +75,12 @@ class Kernels:
             jax.ShapeDtypeStruct((config.num_hidden_layers, 1, capacity, k, h), dtype)))
         if block_size is not None:
             reasons["step"] = step_unsupported_reason(config.vocab_size, block_size)
-        if sharded:
-            reasons = {name: "the model is sharded over several devices (the kernels are not "
-                             "wrapped in shard_map)" for name in reasons}
+        if layout is not None and layout.mesh.size > 1:
+            reasons["attention"] = reasons["attention"] or heads_on_shards_unsupported_reason(
+                layout, batch)
+            if "step" in reasons:
+                reasons["step"] = "the model is sharded over several devices (the step " \
+                                  "kernels read whole vocabulary rows of one device)"
         if requested == "pallas":
             for name, reason in reasons.items():
                 if reason is not None:

@@ -28,7 +28,7 @@ from flax import nnx
 from nld_jax.attention import attend
 from nld_jax.cache import BlockKV, KVCache
 from nld_jax.config import NLDConfig
-from nld_jax.sharding import embed_lookup
+from nld_jax.sharding import Layout, embed_lookup
 from nld_jax.vision import VisionEncoder, embed_with_images, prepare_images
 
 __all__ = ["NLDModel", "LAYER_LOOPS", "rope_inv_freq"]
@@ -131,8 +131,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, cache: KVCache | None,
                  layer: jax.Array | int, causal: jax.Array | bool, lora_on: jax.Array | bool,
-                 block_mask: jax.Array | None, attention_kernel: bool, quadratic: int
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 block_mask: jax.Array | None, attention_kernel: bool, quadratic: int,
+                 layout: Layout | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_dnh[...])
         k = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_dkh[...])
         v = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_dkh[...])
@@ -144,7 +144,7 @@ class Attention(nnx.Module):
             q_scale = 1.0 + beta * jnp.log(1.0 + floor)
             q = q * q_scale[:, :, None, None].astype(q.dtype)
         attn = attend(q, k, v, cache=cache, layer=layer, causal=causal, block_mask=block_mask,
-                      kernel=attention_kernel, quadratic=quadratic)
+                      kernel=attention_kernel, quadratic=quadratic, layout=layout)
         out = jnp.einsum("BTNH,NHD->BTD", attn, self.o_nhd[...])
         if self.lora is not None:
             delta = self.lora(attn).astype(out.dtype)
@@ -299,7 +299,8 @@ class NLDModel(nnx.Module):
         if positions is None:
             starts = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        h = embed_lookup(self.embed_vd[...], tokens, getattr(self, "layout", None))
+        layout = getattr(self, "layout", None)  # set by nld_jax.sharding.shard_model
+        h = embed_lookup(self.embed_vd[...], tokens, layout)
         if images is not None:
             h = embed_with_images(h, *images)
         graphdef, params = nnx.split(self.layers)
@@ -308,7 +309,8 @@ class NLDModel(nnx.Module):
                       ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             h, k, v = nnx.merge(graphdef, layer_params)(
                 h, positions, cache=cache, layer=i, causal=causal, lora_on=lora_on,
-                block_mask=block_mask, attention_kernel=attention_kernel, quadratic=quadratic)
+                block_mask=block_mask, attention_kernel=attention_kernel, quadratic=quadratic,
+                layout=layout)
             return h, (k, v)
 
         num_layers = self.config.num_hidden_layers

@@ -17,7 +17,7 @@ decode loops run unchanged. The vision tower of a VLM is small and stays replica
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DEFAULT_RULES", "LOGICAL_AXES", "Layout", "embed_lookup", "make_mesh", "param_axes",
-           "shard_model"]
+__all__ = ["DEFAULT_RULES", "LOGICAL_AXES", "Layout", "embed_lookup", "heads_on_shards",
+           "heads_on_shards_unsupported_reason", "make_mesh", "param_axes", "shard_model"]
 
 LOGICAL_AXES = ("batch", "layers", "embed", "vocab", "q_heads", "kv_heads", "head_dim", "mlp",
                 "lora_rank")
@@ -189,7 +189,6 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, layout: Layout | None) -> 
     if batch_axis is not None and tokens.shape[0] % layout.mesh.shape[batch_axis]:
         batch_axis = None  # a batch that does not divide: every row on every data shard
     embed_axis = rules["embed"]
-    spec = jax.sharding.PartitionSpec
 
     def local(table_slice: jax.Array, tokens: jax.Array) -> jax.Array:
         rows = table_slice.shape[0]
@@ -198,6 +197,43 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, layout: Layout | None) -> 
         found = jnp.take(table_slice, jnp.where(mine, index, 0), axis=0)
         return jax.lax.psum(jnp.where(mine[..., None], found, 0), vocab_axis)
 
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec(vocab_axis, embed_axis),
-                                                            spec(batch_axis, None)),
-                         out_specs=spec(batch_axis, None, embed_axis))(table, tokens)
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(PartitionSpec(vocab_axis, embed_axis),
+                                                            PartitionSpec(batch_axis, None)),
+                         out_specs=PartitionSpec(batch_axis, None, embed_axis))(table, tokens)
+
+
+def heads_on_shards_unsupported_reason(layout: Layout, batch: int) -> str | None:
+    """Why `heads_on_shards` cannot split an attention of `batch` rows this way (None if it
+    can): each device needs whole heads, every layer, and the query heads of its kv heads."""
+    rules = dict(layout.rules)
+    if rules["q_heads"] != rules["kv_heads"]:
+        return (f"query heads go to mesh axis {rules['q_heads']!r} and kv heads to "
+                f"{rules['kv_heads']!r}: a device would lack the kv heads of its query heads")
+    for logical in ("head_dim", "layers"):
+        if rules[logical] is not None:
+            return f"{logical} is split over mesh axis {rules[logical]!r}"
+    if rules["batch"] is not None and batch % layout.mesh.shape[rules["batch"]]:
+        return (f"{batch} rows do not divide over mesh axis {rules['batch']!r} of size "
+                f"{layout.mesh.shape[rules['batch']]}")
+    return None
+
+
+def heads_on_shards(layout: Layout, attention: Callable[..., jax.Array], q: jax.Array,
+                    k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                    k_block: jax.Array, v_block: jax.Array, causal: jax.Array | bool,
+                    layer: jax.Array | int) -> jax.Array:
+    """`attention(q, k_cache, v_cache, lengths, k_block, v_block, causal, layer)` (a
+    single-device kernel, e.g. pallas_kernels.block_attention) run by every device on its own
+    query heads, kv heads and batch rows (shard_map): q [B, T, N, H], the stacked cache
+    [L, B, S, K, H], lengths [B], the block's k/v [B, T, K, H]. Heads are split in contiguous
+    ranges, so with N and K over the same axis a device holds its query heads' kv heads.
+    Attention needs no communication; check `heads_on_shards_unsupported_reason` first."""
+    query = layout.spec(("batch", None, "q_heads", None))
+    block = layout.spec(("batch", None, "kv_heads", None))
+    cache = layout.spec(CACHE_AXES)
+    # Pallas calls carry no varying-axes annotations for shard_map to check.
+    run = jax.shard_map(attention, mesh=layout.mesh, check_vma=False,
+                        in_specs=(query, cache, cache, layout.spec(("batch",)), block, block,
+                                  PartitionSpec(), PartitionSpec()), out_specs=query)
+    return run(q, k_cache, v_cache, lengths, k_block, v_block, jnp.asarray(causal),
+               jnp.asarray(layer, jnp.int32))

@@ -110,6 +110,37 @@ def test_bad_rules_and_meshes_are_named_errors():
         make_mesh(data=2)
 
 
+def test_kernels_on_a_mesh_run_per_shard_where_heads_and_rows_split_evenly():
+    """The attention kernel runs on shards when each device gets whole heads, its query
+    heads' kv heads and whole rows; the step kernels stay off on a mesh."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    from nld_jax.kernels import Kernels
+
+    mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+    def layout(**rules):  # Layout.create wants a concrete Mesh; the choice reads its shape
+        return Layout(mesh, tuple(sorted({**DEFAULT_RULES, **rules}.items())))
+
+    config = nld_jax.NLDConfig.preset("tiny", head_dim=64, num_attention_heads=8,
+                                      num_key_value_heads=4)
+
+    def choose(requested, *, block_size=None, batch=2, **rules):
+        return Kernels.choose(requested, config=config, dtype=jnp.bfloat16, capacity=128,
+                              block_size=block_size, layout=layout(**rules), batch=batch)
+
+    assert choose("pallas") == Kernels(attention=True, step=False)
+    with pytest.raises(NotImplementedError, match="kv heads to None"):
+        choose("pallas", kv_heads=None)
+    with pytest.raises(NotImplementedError, match="3 rows do not divide"):
+        choose("pallas", batch=3)
+    with pytest.raises(NotImplementedError, match="head_dim is split"):
+        choose("pallas", head_dim="model", q_heads=None, kv_heads=None)
+    with pytest.raises(NotImplementedError, match="step kernels read whole vocabulary"):
+        choose("pallas", block_size=8)
+    assert choose("auto", batch=3) == Kernels()  # not on this CPU, nor for 3 rows
+
+
 def test_shard_model_on_one_device_keeps_tokens():
     model = nld_jax.load_model(GOLDEN_DIR / "gqa4_theta1e6", dtype="float32", lora=False)
     before = nld_jax.generate(model, [[1, 5, 9]], mode="ar", max_new_tokens=6).tokens
@@ -140,7 +171,10 @@ def test_two_processes_give_single_process_tokens(tmp_path):
         assert json.loads(out.strip().splitlines()[-1]) == expected
 
 
-ORBAX_CHECK = """
+# In one 8-device process: the Orbax copy restores sharded; the shard-local operations
+# (the vocab-parallel embedding lookup, attention on each device's heads and rows) match
+# their whole-array results.
+MESH_CHECK = """
 import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
@@ -161,17 +195,35 @@ lookup = jax.jit(lambda table, tokens: embed_lookup(table, tokens, model.layout)
 for tokens in (np.array([[127]]), np.array([[0, 5], [64, 127], [63, 65]])):
     found = np.asarray(lookup(restored["embed_vd"], tokens))
     assert (found == np.asarray(whole["embed_vd"])[tokens]).all(), tokens
+# Attention on shards: 2 rows over "data", 8 query / 4 kv heads over "model" (2 and 1 each).
+# The per-device function is the kernel's jnp reference (the Mosaic-GPU interpreter keeps
+# global state and cannot run eight devices' kernels at once).
+import jax.numpy as jnp
+from nld_jax.sharding import heads_on_shards
+from pallas_kernels.block_attention_ref import block_attention_ref
+keys = jax.random.split(jax.random.key(0), 5)
+normal = lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16)
+q = normal(keys[0], (2, 8, 8, 64))
+k_cache, v_cache = (normal(key, (2, 2, 128, 4, 64)) for key in keys[1:3])
+k_block, v_block = (normal(key, (2, 8, 4, 64)) for key in keys[3:])
+lengths = jnp.asarray([70, 0], jnp.int32)
+on_shards = jax.jit(lambda *a: heads_on_shards(model.layout, block_attention_ref, *a))
+for causal, layer in ((True, 1), (False, 0)):
+    found = on_shards(q, k_cache, v_cache, lengths, k_block, v_block, causal, layer)
+    assert tuple(found.sharding.spec)[:3] == ("data", None, "model"), found.sharding
+    expected = block_attention_ref(q, k_cache, v_cache, lengths, k_block, v_block, causal, layer)
+    assert (np.asarray(found) == np.asarray(expected)).all(), (causal, layer)
 print("ok")
 """
 
 
-def test_orbax_copy_restores_sharded_and_embeddings_look_up(tmp_path):
+def test_orbax_copy_and_shard_local_operations(tmp_path):
     from convert.hf_to_orbax import convert
 
     checkpoint = _random_k8(tmp_path)
     convert(checkpoint, tmp_path / "orbax")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", ORBAX_CHECK, str(checkpoint),
+    done = subprocess.run([sys.executable, "-c", MESH_CHECK, str(checkpoint),
                            str(tmp_path / "orbax")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=250)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

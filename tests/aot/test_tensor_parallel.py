@@ -41,3 +41,14 @@ def test_all_reduces_only_where_the_math_needs_them(forward):
     assert set(collectives) == {"all-reduce"}, collectives
     assert collectives["all-reduce"] == aot.Collective(3, 3 * CONFIG.hidden_size * 2)
     assert forward.program.temp_bytes < 64e6  # no gathered table or full-width weight
+
+
+def test_attention_kernel_runs_on_each_devices_heads():
+    """The Pallas kernel under TP=8 (shard_map: 4 query heads and their kv head per device):
+    it compiles for sm_90a without spills and adds no collective."""
+    layout = aot.target_layout("h100", model=TP)
+    forward = aot.compile_forward(CONFIG, 1, SLOTS, 1024, mesh=layout.mesh, attention="pallas",
+                                  layout=layout, layer_loop="scan")
+    assert forward.program.kernel_calls == 1  # the scanned layer body
+    assert [r.spill_bytes for r in forward.program.ptxas] == [0], forward.program.ptxas
+    assert forward.program.collectives == {"all-reduce": aot.Collective(3, 3 * 4096 * 2)}

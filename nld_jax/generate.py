@@ -35,12 +35,13 @@ from nld_jax.decode.common import (
 from nld_jax.kernels import Kernels
 from nld_jax.model import NLDModel
 from nld_jax.sharding import CACHE_AXES, Layout
-from nld_jax.vision import prepare_images
+from nld_jax.vision import patch_bucket, prepare_images
 
 __all__ = ["generate", "GenerationOutput", "MODES"]
 
 MODES = tuple(REGISTRY)
 _MIN_BUCKET = 16
+_FINE_BUCKETS_FROM = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,15 @@ class GenerationOutput:
 
 
 def _bucket(n: int) -> int:
-    """The next power of two >= n (at least _MIN_BUCKET): lengths in one bucket share a program."""
+    """The bucket of a length n: lengths in one bucket share a program (and its cache size).
+
+    Up to _FINE_BUCKETS_FROM the next power of two >= n (at least _MIN_BUCKET): few programs
+    for short prompts. Past it the power-of-two step would cost up to twice the cache a long
+    prompt needs (16385 tokens -> 32768 slots), so the buckets are the vision tower's
+    4/5/6/7 x 2^k (at most 25% over n, multiples of 1024, four per octave).
+    """
+    if n > _FINE_BUCKETS_FROM:
+        return patch_bucket(n)
     return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
 
 

@@ -160,3 +160,17 @@ def test_fixed_cache_len(tiny_model):
     prompt = [[4, 5, 6, 7]]
     want = nld_jax.generate(tiny_model, prompt, max_new_tokens=20).tokens
     assert nld_jax.generate(tiny_model, prompt, max_new_tokens=20, max_cache_len=24).tokens == want
+
+
+def test_long_prompts_get_buckets_within_a_quarter_of_their_length():
+    """Powers of two up to 4096 (short prompts share few programs); past it 4/5/6/7 x 2^k,
+    so a long prompt's cache is at most 25% over its length, not up to 100%."""
+    from nld_jax.generate import _bucket
+
+    assert [_bucket(n) for n in (1, 17, 4096, 4097, 9000, 16385, 32768)] == \
+        [16, 32, 4096, 5120, 10240, 20480, 32768]
+    # Programs for every prompt length up to 32k: 9 powers of two to 4096, then 12 (powers of
+    # two alone: 12 in all).
+    assert len({_bucket(n) for n in range(1, 32769)}) == 21
+    for n in range(4097, 70000, 61):
+        assert n <= _bucket(n) < 1.25 * n and _bucket(n) % 1024 == 0, n

@@ -601,9 +601,10 @@ def generate_temp_bound(model_config: Any, prompt: int, new_tokens: int, block: 
     hidden states (4D); the logits of the widest block step (b(b+1) x V float32); and 64 MiB of
     small buffers (token buffers, sampling state).
     """
+    from nld_jax.generate import _bucket
+
     c = model_config
-    bucket = 1 << max(prompt - 1, 1).bit_length()
-    out = 1 << max(new_tokens - 1, 1).bit_length()
+    bucket, out = _bucket(prompt), _bucket(new_tokens)
     slots = bucket + out + 2 * block * (block + 1)
     layers, kv, h = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
     cache = 2 * layers * slots * kv * h * 2

@@ -49,13 +49,14 @@ def _generate_with_hlo(model: nld_jax.NLDModel, mode: str, monkeypatch: pytest.M
     return out.tokens, hlo, capacity
 
 
-def cache_copies(hlo: str, model: nld_jax.NLDModel, batch: int, capacity: int) -> int:
+def cache_copies(hlo: str, config: nld_jax.NLDConfig, dtype: str, batch: int,
+                 capacity: int) -> int:
     """Copies of a whole K or V cache [L, B, S, K, H] in the loops of an optimised HLO module:
     not in a fusion (a copy there is a layout change of the elements the fusion reads) nor in
     the entry computation (run once: it may copy the zeroed cache it starts from)."""
-    c = model.config
-    dtype = {"float32": "f32", "bfloat16": "bf16"}[model.dtype.name]
-    shape = (f"{dtype}\\[{c.num_hidden_layers},{batch},{capacity},{c.num_key_value_heads},"
+    c = config
+    hlo_dtype = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    shape = (f"{hlo_dtype}\\[{c.num_hidden_layers},{batch},{capacity},{c.num_key_value_heads},"
              f"{c.head_dim}\\]")
     fused = set(re.findall(r"kind=k\w+, calls=(%[\w.-]+)", hlo))
     copies = 0
@@ -75,5 +76,5 @@ def test_unrolled_and_scanned_layers_agree_without_cache_copies(model, mode, mon
             tokens[loop], hlo, capacity = _generate_with_hlo(model, mode, monkeypatch)
         finally:
             model.layer_loop = "auto"
-        assert cache_copies(hlo, model, 2, capacity) == 0, loop
+        assert cache_copies(hlo, model.config, model.dtype.name, 2, capacity) == 0, loop
     assert tokens["unroll"] == tokens["scan"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 
 import pytest
 
 import nld_jax
 from nld_jax import aot
+from tests.test_layer_loop import cache_copies
 
 CONFIG = nld_jax.NLDConfig.preset("8B")
 NEW_TOKENS = 256
@@ -40,3 +43,16 @@ def test_generate_program(mode, prompt, mesh):
     bound = aot.generate_temp_bound(CONFIG, prompt, NEW_TOKENS, CONFIG.block_size)
     assert 0 < program.temp_bytes <= bound, (program.temp_bytes, bound)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ar", "self_spec"])
+def test_unrolled_decode_loop_holds_no_cache_copy(mode, mesh):
+    """The unrolled layers (the GPU default) write the stacked KV cache in place: no copy of
+    a whole [L, B, S, K, H] cache in the program's loops (tests/test_layer_loop.py on CPU)."""
+    config = dataclasses.replace(CONFIG, num_hidden_layers=3)
+    program = aot.compile_generate(config, mode, 100, 64, mesh=mesh, layer_loop="unroll")
+    assert program.kernel_calls >= 2  # the attention kernel reads the cache
+    # S: the widest [L, 1, S, K, H] buffer (the prefill's K/V are narrower).
+    capacity = max(map(int, re.findall(rf"bf16\[3,1,(\d+),{config.num_key_value_heads},"
+                                       rf"{config.head_dim}\]", program.hlo)))
+    assert cache_copies(program.hlo, config, "bfloat16", 1, capacity) == 0

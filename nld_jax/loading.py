@@ -45,7 +45,7 @@ _FLOAT_DTYPES = {"BF16", "F16", "F32"}
 ORBAX_MARKER = "nld_orbax.json"
 ORBAX_PARAMS = "params"
 ORBAX_FORMAT = "nld_jax.orbax"
-ORBAX_VERSION = 1
+ORBAX_VERSION = 2  # 2: q/k/v and gate/up fused (qkv_dkgh, gate_up_d2f)
 
 
 class LoadError(ValueError):
@@ -79,7 +79,7 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 # A parameter's one name in this module: its keys in nnx.to_pure_dict(state), e.g.
-# ("layers", "attn", "q_dnh") (layers are stacked, so no key is a layer index).
+# ("layers", "attn", "qkv_dkgh") (layers are stacked, so no key is a layer index).
 type _Path = tuple[str, ...]
 
 
@@ -93,6 +93,23 @@ class _Rule:
     # [out, C, kh, kw] flattens its input axes first: [C * kh * kw, out].
     transposed: bool
     layer: int | None = None  # the index in the parameter's leading [L] axis (stacked layers)
+    # A fused parameter holds several tensors: this one is [start, stop) of the (per-layer)
+    # parameter's axis `axis`, as (axis, start, stop); None: the whole parameter.
+    part: tuple[int, int, int] | None = None
+
+    def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape this tensor has in the Flax layout, given the (per-layer) parameter's."""
+        if self.part is None:
+            return shape
+        axis, start, stop = self.part
+        return (*shape[:axis], stop - start, *shape[axis + 1:])
+
+    def take(self, value: np.ndarray) -> np.ndarray:
+        """This tensor's part of the (per-layer) parameter value."""
+        if self.part is None:
+            return value
+        axis, start, stop = self.part
+        return value[(slice(None),) * axis + (slice(start, stop),)]
 
     def to_flax(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return w.reshape(w.shape[0], -1).T.reshape(shape) if self.transposed else w
@@ -107,6 +124,8 @@ def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
     """The one table: released tensor name -> rule."""
     d, n, k, h, f, v = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                         c.intermediate_size, c.vocab_size)
+    g = n // k
+    qkv, gate_up = ("layers", "attn", "qkv_dkgh"), ("layers", "mlp", "gate_up_d2f")
     rules = {
         "encoder.embed_tokens.weight": _Rule(("embed_vd",), (v, d), False),
         "encoder.norm.weight": _Rule(("final_norm", "weight"), (d,), False),
@@ -119,16 +138,14 @@ def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
                                                   i),
             pre + "post_attention_layernorm.weight": _Rule(
                 ("layers", "post_attn_norm", "weight"), (d,), False, i),
-            pre + "self_attn.q_proj.weight": _Rule(("layers", "attn", "q_dnh"), (n * h, d), True,
-                                                   i),
-            pre + "self_attn.k_proj.weight": _Rule(("layers", "attn", "k_dkh"), (k * h, d), True,
-                                                   i),
-            pre + "self_attn.v_proj.weight": _Rule(("layers", "attn", "v_dkh"), (k * h, d), True,
-                                                   i),
+            # Query head j*G + i is slot i of kv head j (the heads that share its K/V).
+            pre + "self_attn.q_proj.weight": _Rule(qkv, (n * h, d), True, i, (2, 0, g)),
+            pre + "self_attn.k_proj.weight": _Rule(qkv, (k * h, d), True, i, (2, g, g + 1)),
+            pre + "self_attn.v_proj.weight": _Rule(qkv, (k * h, d), True, i, (2, g + 1, g + 2)),
             pre + "self_attn.o_proj.weight": _Rule(("layers", "attn", "o_nhd"), (d, n * h), True,
                                                    i),
-            pre + "mlp.gate_proj.weight": _Rule(("layers", "mlp", "gate_df"), (f, d), True, i),
-            pre + "mlp.up_proj.weight": _Rule(("layers", "mlp", "up_df"), (f, d), True, i),
+            pre + "mlp.gate_proj.weight": _Rule(gate_up, (f, d), True, i, (1, 0, 1)),
+            pre + "mlp.up_proj.weight": _Rule(gate_up, (f, d), True, i, (1, 1, 2)),
             pre + "mlp.down_proj.weight": _Rule(("layers", "mlp", "down_fd"), (d, f), True, i),
         })
     if c.multimodal is not None:
@@ -258,10 +275,13 @@ def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, check_fi
           on_tensor: Callable[[str, int], None] | None = None
           ) -> Iterator[tuple[_Path, jax.Array]]:
     """Yields (parameter path, array in the dtype of its struct in `shapes`) one parameter at a
-    time; on_tensor(name, total) after each tensor. A stacked layer parameter is yielded once
-    all L of its tensors have been read (the files are read in order, so only the layers'
-    pieces wait in host memory)."""
-    pending: dict[_Path, dict[int, np.ndarray]] = {}
+    time; on_tensor(name, total) after each tensor. A stacked layer parameter (or a fused one)
+    is yielded once all its tensors have been read (the files are read in order, so only the
+    pieces of the parameters being assembled wait in host memory)."""
+    counts: dict[_Path, int] = {}
+    for name in files:
+        counts[rules[name].path] = counts.get(rules[name].path, 0) + 1
+    pending: dict[_Path, list[tuple[_Rule, np.ndarray]]] = {}
     for name in sorted(files, key=lambda n: (files[n], n)):
         with _open(files[name]) as handle:
             try:
@@ -272,18 +292,34 @@ def _read(rules: dict[str, _Rule], files: dict[str, str], shapes: dict, check_fi
         if check_finite and not np.isfinite(raw).all():
             raise LoadError(f"{files[name]}: tensor {name!r} contains NaN or Inf")
         rule = rules[name]
-        shape, dtype = _get(shapes, rule.path).shape, _get(shapes, rule.path).dtype
-        if rule.layer is None:
-            yield rule.path, jnp.asarray(rule.to_flax(raw, shape), dtype=dtype)
-        else:
-            layers = pending.setdefault(rule.path, {})
-            layers[rule.layer] = rule.to_flax(raw, shape[1:])
-            if len(layers) == shape[0]:
-                del pending[rule.path]
-                yield rule.path, jnp.asarray(np.stack([layers[i] for i in range(shape[0])]),
-                                             dtype=dtype)
+        struct = _get(shapes, rule.path)
+        inner = struct.shape if rule.layer is None else struct.shape[1:]
+        parts = pending.setdefault(rule.path, [])
+        parts.append((rule, rule.to_flax(raw, rule.part_shape(inner))))
+        if len(parts) == counts[rule.path]:
+            del pending[rule.path]
+            yield rule.path, jnp.asarray(_assemble(parts), dtype=struct.dtype)
         if on_tensor is not None:
             on_tensor(name, len(files))
+
+
+def _join(parts: list[tuple[_Rule, np.ndarray]]) -> np.ndarray:
+    """One layer's parameter from its tensors: the parts in order along their axis."""
+    spans = sorted(((rule.part, array) for rule, array in parts if rule.part is not None),
+                   key=lambda span: span[0][1])
+    if not spans:  # a whole parameter: one tensor
+        return parts[0][1]
+    return np.concatenate([array for _, array in spans], axis=spans[0][0][0])
+
+
+def _assemble(parts: list[tuple[_Rule, np.ndarray]]) -> np.ndarray:
+    """A parameter from all its tensors: each layer's parts joined, the layers stacked."""
+    by_layer: dict[int | None, list[tuple[_Rule, np.ndarray]]] = {}
+    for rule, array in parts:
+        by_layer.setdefault(rule.layer, []).append((rule, array))
+    if None in by_layer:
+        return _join(by_layer[None])
+    return np.stack([_join(by_layer[i]) for i in range(len(by_layer))])
 
 
 def _flat_range(dims: tuple[int, ...], index: tuple[slice, ...], name: str) -> slice:
@@ -328,9 +364,9 @@ def _read_sharded(rules: dict[str, _Rule], files: dict[str, str], shapes: dict,
     """As `_read`, but each device's shard is read straight from the files (safetensors
     slicing) into that device: the host holds one shard at a time, never a whole tensor that
     is split over the mesh."""
-    by_param: dict[_Path, dict[int | None, str]] = {}
+    by_param: dict[_Path, dict[int | None, list[str]]] = {}
     for name, rule in rules.items():
-        by_param.setdefault(rule.path, {})[rule.layer] = name
+        by_param.setdefault(rule.path, {}).setdefault(rule.layer, []).append(name)
     for path, names in by_param.items():
         struct, sharding = _get(shapes, path), _get(shardings, path)
         stacked = None not in names
@@ -340,23 +376,36 @@ def _read_sharded(rules: dict[str, _Rule], files: dict[str, str], shapes: dict,
             layers = range(*index[0].indices(struct.shape[0])) if stacked else [None]
             inner_index = index[1:] if stacked else index
             inner_shape = struct.shape[1:] if stacked else struct.shape
-            parts = []
+            layer_parts = []
             for layer in layers:
-                name = names[layer]
-                with _open(files[name]) as handle:
-                    try:
-                        parts.append(_read_shard(handle, name, rules[name], inner_shape,
-                                                 inner_index, check_finite))
-                    except SafetensorError as e:
-                        raise LoadError(f"{files[name]}: cannot read tensor {name!r} "
-                                        f"({e})") from None
-            part = np.stack(parts) if stacked else parts[0]
+                parts = []
+                for name in names[layer]:
+                    rule = rules[name]
+                    index = inner_index
+                    if rule.part is not None:  # the shard's overlap with this tensor's part
+                        axis, start, stop = rule.part
+                        lo, hi, _ = index[axis].indices(inner_shape[axis])
+                        lo, hi = max(lo, start), min(hi, stop)
+                        if lo >= hi:
+                            continue
+                        index = (*index[:axis], slice(lo - start, hi - start), *index[axis + 1:])
+                    with _open(files[name]) as handle:
+                        try:
+                            parts.append((rule, _read_shard(handle, name, rule,
+                                                            rule.part_shape(inner_shape), index,
+                                                            check_finite)))
+                        except SafetensorError as e:
+                            raise LoadError(f"{files[name]}: cannot read tensor {name!r} "
+                                            f"({e})") from None
+                layer_parts.append(_join(parts))
+            part = np.stack(layer_parts) if stacked else layer_parts[0]
             return part.astype(struct.dtype)
 
         yield path, jax.make_array_from_callback(struct.shape, sharding, shard)
         if on_tensor is not None:
-            for name in names.values():
-                on_tensor(name, len(files))
+            for layer_names in names.values():
+                for name in layer_names:
+                    on_tensor(name, len(files))
 
 
 def _get(tree: dict, path: _Path) -> Any:
@@ -434,7 +483,7 @@ def _leaves(tree: Any, prefix: _Path = ()) -> dict[_Path, Any]:
 
 
 def _path_name(path: _Path) -> str:
-    """A parameter path as error messages name it: "layers.attn.q_dnh"."""
+    """A parameter path as error messages name it: "layers.attn.qkv_dkgh"."""
     return ".".join(map(str, path))
 
 
@@ -689,7 +738,7 @@ def save_model(model: NLDModel, path: str | os.PathLike, *, dtype: str = "bfloat
     def tensor(rule: _Rule) -> np.ndarray:
         value = np.asarray(_get(values, rule.path))
         value = value if rule.layer is None else value[rule.layer]  # stacked layers: one slice
-        return np.ascontiguousarray(rule.to_hf(value).astype(np_dtype))
+        return np.ascontiguousarray(rule.to_hf(rule.take(value)).astype(np_dtype))
 
     def write_tensors(rules: dict[str, _Rule], path: str) -> None:
         save_file({name: tensor(rule) for name, rule in rules.items()}, path)

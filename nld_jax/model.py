@@ -110,9 +110,12 @@ class Attention(nnx.Module):
     def __init__(self, config: NLDConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                       config.head_dim)
-        self.q_dnh = nnx.Param(_normal(rngs, (d, n, h), dtype))
-        self.k_dkh = nnx.Param(_normal(rngs, (d, k, h), dtype))
-        self.v_dkh = nnx.Param(_normal(rngs, (d, k, h), dtype))
+        # q, k and v in one weight, grouped by kv head: [:, j, :G] are the G query heads that
+        # share kv head j (query heads j*G .. j*G+G-1), [:, j, G] its key, [:, j, G+1] its value.
+        # One matmul reads x once and writes no per-projection intermediates (a T=1 forward on a
+        # GPU wrote the K/V products twice, benchmarks/NOTES_h100.md), and sharding the K axis
+        # keeps each kv head with its query heads on one device.
+        self.qkv_dkgh = nnx.Param(_normal(rngs, (d, k, n // k + 2, h), dtype))
         self.o_nhd = nnx.Param(_normal(rngs, (n, h, d), dtype))
         self.lora: OProjLoRA | None = nnx.data(None)
         self.config = config
@@ -133,9 +136,11 @@ class Attention(nnx.Module):
                  layer: jax.Array | int, causal: jax.Array | bool, lora_on: jax.Array | bool,
                  block_mask: jax.Array | None, attention_kernel: bool, quadratic: int,
                  layout: Layout | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        q = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_dnh[...])
-        k = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_dkh[...])
-        v = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_dkh[...])
+        b, t, _ = x_btd.shape
+        qkv = jnp.einsum("BTD,DKGH->BTKGH", x_btd, self.qkv_dkgh[...])
+        g = qkv.shape[3] - 2
+        q = qkv[:, :, :, :g].reshape(b, t, -1, qkv.shape[-1])  # [B, T, N, H], N = K * G
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q, k = self._rotate(q, positions_bt), self._rotate(k, positions_bt)
         beta = self.config.llama_4_scaling_beta
         if beta is not None:
@@ -160,13 +165,14 @@ class MLP(nnx.Module):
 
     def __init__(self, config: NLDConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        self.gate_df = nnx.Param(_normal(rngs, (d, f), dtype))
-        self.up_df = nnx.Param(_normal(rngs, (d, f), dtype))
+        # gate and up in one weight ([:, 0] gate, [:, 1] up): one matmul of twice the width
+        # (for T=32 a GPU gemm over 2F needs no split-K partials, benchmarks/NOTES_h100.md).
+        self.gate_up_d2f = nnx.Param(_normal(rngs, (d, 2, f), dtype))
         self.down_fd = nnx.Param(_normal(rngs, (f, d), dtype))
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        gate = jnp.einsum("BTD,DF->BTF", x_btd, self.gate_df[...])
-        up = jnp.einsum("BTD,DF->BTF", x_btd, self.up_df[...])
+        gate_up = jnp.einsum("BTD,DCF->BTCF", x_btd, self.gate_up_d2f[...])
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_fd[...])
 
 

@@ -45,20 +45,19 @@ DEFAULT_RULES: Mapping[str, str | None] = {
 }
 
 # A parameter's name (its path below the stacked `layers`, or at the top) -> its axes.
-_PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("embed_vd",): ("vocab", "embed"),
     ("head_dv",): ("embed", "vocab"),
     ("final_norm", "weight"): ("embed",),
     ("input_norm", "weight"): ("embed",),
     ("post_attn_norm", "weight"): ("embed",),
-    ("attn", "q_dnh"): ("embed", "q_heads", "head_dim"),
-    ("attn", "k_dkh"): ("embed", "kv_heads", "head_dim"),
-    ("attn", "v_dkh"): ("embed", "kv_heads", "head_dim"),
+    # q/k/v grouped by kv head: sharding kv heads shards their query heads with them (a rules
+    # override that replicates kv_heads replicates the query projection too).
+    ("attn", "qkv_dkgh"): ("embed", "kv_heads", None, "head_dim"),
     ("attn", "o_nhd"): ("q_heads", "head_dim", "embed"),
     ("attn", "lora", "a_nhr"): ("q_heads", "head_dim", "lora_rank"),
     ("attn", "lora", "b_rd"): ("lora_rank", "embed"),
-    ("mlp", "gate_df"): ("embed", "mlp"),
-    ("mlp", "up_df"): ("embed", "mlp"),
+    ("mlp", "gate_up_d2f"): ("embed", None, "mlp"),
     ("mlp", "down_fd"): ("mlp", "embed"),
 }
 

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 import nld_jax
 from convert import hf_to_orbax
 from nld_jax import tiny
-from nld_jax.loading import ORBAX_MARKER, save_model
+from nld_jax.loading import ORBAX_MARKER, ORBAX_VERSION, save_model
 from tests.conftest import GOLDEN_DIR
 
 SINGLE = GOLDEN_DIR / "gqa4_theta1e6"  # has linear_spec_lora/
@@ -180,7 +180,7 @@ def test_bad_orbax_directories_raise_load_error(tmp_path):
     _edit_json(dst / ORBAX_MARKER, version=99)
     with pytest.raises(nld_jax.LoadError, match=r"nld_orbax.json: version=99"):
         nld_jax.load_model(dst)
-    _edit_json(dst / ORBAX_MARKER, version=1, lora_rank=4)
+    _edit_json(dst / ORBAX_MARKER, version=ORBAX_VERSION, lora_rank=4)
     with pytest.raises(nld_jax.LoadError, match=r"params: parameter .*lora.* has shape"):
         nld_jax.load_model(dst)
     _edit_json(dst / ORBAX_MARKER, lora_rank=8)

@@ -73,6 +73,27 @@ def test_save_load_roundtrip(tmp_path):
     assert again.has_lora
 
 
+def test_fused_projections_save_back_to_the_released_tensors_bitwise(tmp_path):
+    """q/k/v and gate/up are fused at load and split at save: the saved file holds exactly the
+    input's tensor names, shapes, dtypes and bits (two kv heads, three query heads each)."""
+    model = nld_jax.load_model(SHARDED, dtype="bfloat16")
+    assert model.layers.attn.qkv_dkgh.shape == (3, 48, 2, 3 + 2, 16)
+    assert model.layers.mlp.gate_up_d2f.shape == (3, 48, 2, 80)
+    save_model(model, tmp_path / "out", dtype="bfloat16")
+    source = {}
+    for shard in sorted(SHARDED.glob("*.safetensors")):
+        source.update(load_file(str(shard)))
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(saved) == sorted(source)
+    for name, tensor in source.items():
+        assert saved[name].dtype == tensor.dtype and saved[name].shape == tensor.shape, name
+        assert saved[name].tobytes() == tensor.tobytes(), name
+    again = nld_jax.load_model(tmp_path / "out", dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)),
+                    strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
 def test_save_replaces_the_whole_directory(tmp_path):
     """Saving a model without the adapter over one with it leaves no stale adapter behind."""
     out = tmp_path / "out"

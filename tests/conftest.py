@@ -85,7 +85,9 @@ def long_model() -> Any:
 
 def pytest_configure(config: pytest.Config) -> None:
     # Tests compare float32 results with transformers' float32: keep XLA's CPU matmuls in f32.
-    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    # Not in the aot layer, which compiles for the GPU as a user's program would be.
+    if os.environ.get(AOT_IN_PROCESS) != "1":
+        os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
     # The Mosaic-GPU interpreter runs each simulated warpgroup of a thread block as a program
     # of its own whose barrier waits block a thread, and XLA's CPU runtime may run any of
     # those waits, and the enclosing program's callback that waits for all of them, on its

@@ -12,6 +12,7 @@ published throughputs. Per kernel configuration: ptxas registers and spill bytes
 This is a model of the compiled programs, not a measurement on a GPU.
 
     python benchmarks/h100_model.py --size 8B --target h100 --json model.json
+    python benchmarks/h100_model.py --fusions 20 --forwards decode,block  # where bytes go
 """
 
 from __future__ import annotations
@@ -68,13 +69,19 @@ def forward_shapes(config: nld_jax.NLDConfig) -> list[Shape]:
     ]
 
 
-def model_forwards(config: nld_jax.NLDConfig, mesh: jax.sharding.Mesh,
-                   target: str) -> list[dict]:
+def model_forwards(config: nld_jax.NLDConfig, mesh: jax.sharding.Mesh, target: str,
+                   fusions: int = 0, only: tuple[str, ...] = ()) -> list[dict]:
+    """Each forward's cost model; with `fusions`, its `fusions` costliest instruction groups
+    printed too (`fusion_table`). `only`: the forwards whose name starts with one of these."""
     rows = []
     for shape in forward_shapes(config):
+        if only and not shape.name.startswith(only):
+            continue
         forward = aot.compile_forward(config, shape.tokens, shape.slots, shape.valid, mesh=mesh,
                                       attention=shape.attention, pattern=shape.pattern,
                                       name=shape.name)
+        if fusions:
+            print(fusion_table(forward, fusions) + "\n")
         est, ideal = forward.cost.seconds(target), forward.ideal.seconds(target)
         rows.append(dict(name=shape.name, T=shape.tokens, S=shape.slots, valid=shape.valid,
                          attention=shape.attention, bytes=forward.cost.bytes,
@@ -84,6 +91,31 @@ def model_forwards(config: nld_jax.NLDConfig, mesh: jax.sharding.Mesh,
         print(f"  {shape.name}: {est * 1e3:.3f} ms ({est / ideal:.3f}x ideal), compiled in "
               f"{forward.program.compile_s:.1f} s", file=sys.stderr)
     return rows
+
+
+def fusion_table(forward: aot.Forward, top: int) -> str:
+    """The `top` costliest groups of a forward's instructions by bytes accessed, as Markdown.
+
+    Per instruction: XLA's HloCostAnalysis of that instruction cut out as a module of its own
+    (nld_jax.aot.instruction_costs), the same analysis the whole-program figure comes from;
+    a group is the instructions of one kind, JAX op and shape (one per layer, usually).
+    """
+    rows = forward.instructions()
+    groups: dict[tuple[str, str, str], list[aot.InstructionCost]] = {}
+    for row in rows:
+        groups.setdefault((row.kind, row.op, row.shape), []).append(row)
+    ranked = sorted(groups.items(), key=lambda item: -sum(r.bytes for r in item[1]))
+    total, generic = sum(r.bytes for r in rows), sum(r.xla_bytes for r in rows)
+    lines = [f"{forward.name}: {len(rows)} instructions, {total / 1e9:.3f} GB summed "
+             f"(whole-program cost model {forward.cost.bytes / 1e9:.3f} GB; XLA's generic "
+             f"figure {generic / 1e9:.3f} GB counts no kernel and whole gathered tables)", "",
+             "| GB | share | count | kind | op | shape | GB, XLA generic |",
+             "|---|---|---|---|---|---|---|"]
+    for (kind, op, shape), members in ranked[:top]:
+        nbytes = sum(r.bytes for r in members)
+        lines.append(f"| {nbytes / 1e9:.3f} | {nbytes / total:.1%} | {len(members)} | {kind} | "
+                     f"{op or '-'} | {shape} | {sum(r.xla_bytes for r in members) / 1e9:.3f} |")
+    return "\n".join(lines)
 
 
 def model_kernels(config: nld_jax.NLDConfig, mesh: jax.sharding.Mesh) -> list[dict]:
@@ -166,9 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", default="8B", choices=["3B", "8B", "14B"])
     parser.add_argument("--target", default="h100", choices=sorted(aot.TARGETS))
     parser.add_argument("--json", type=pathlib.Path, help="write the result here")
+    parser.add_argument("--fusions", type=int, default=0, metavar="N",
+                        help="only the forwards, each with its N costliest instruction groups")
+    parser.add_argument("--forwards", default="", metavar="NAMES",
+                        help="with --fusions: these forwards only, by name prefix, comma "
+                        "separated (e.g. decode,block)")
     args = parser.parse_args(argv)
     config = nld_jax.NLDConfig.preset(args.size)
     mesh = aot.target_mesh(args.target)
+    if args.fusions:
+        only = tuple(name for name in args.forwards.split(",") if name)
+        return dict(forwards=model_forwards(config, mesh, args.target, args.fusions, only))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
     forwards = model_forwards(config, mesh, args.target)

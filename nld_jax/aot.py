@@ -34,6 +34,7 @@ import nld_jax._no_gpu  # noqa: F401  (before JAX starts its backends)
 
 __all__ = ["Target", "TARGETS", "target_mesh", "target_layout", "abstract", "PtxasReport",
            "parse_ptxas", "Collective", "Program", "compile_program", "Cost", "cost",
+           "InstructionCost", "instruction_costs",
            "KernelCase", "kernel_cases", "compile_kernel", "abstract_model", "Forward",
            "PATTERNS", "compile_forward", "compile_generate", "generate_temp_bound"]
 
@@ -197,16 +198,6 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 
 
-def _closing_paren(text: str, start: int) -> int:
-    """The index of the ")" that closes the "(" at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[i], 0)
-        if depth == 0:
-            return i
-    raise ValueError(f"unbalanced parentheses in {text!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Program:
     """A program compiled for a target, with what the compiler reported."""
@@ -265,9 +256,8 @@ class Program:
             kind = match.group("kind")
             shape = match.group("shape")
             if match.group("start"):  # an async start returns ((operands), results)
-                shape = shape[_closing_paren(shape, 1) + 1:]
-            nbytes = sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-                         for dtype, dims in _ARRAY_SHAPE.findall(shape))
+                shape = shape[_closing(shape, 1) + 1:]
+            nbytes = _array_bytes(shape)
             seen = found.get(kind, Collective(0, 0))
             found[kind] = Collective(seen.count + 1, seen.bytes + nbytes)
         return found
@@ -322,19 +312,245 @@ class Cost:
 
 
 def cost(program: Program, kernels: Cost = Cost(0, 0)) -> Cost:
-    """XLA's cost analysis of the optimised HLO plus the kernels' own cost model.
+    """XLA's cost analysis of the optimised HLO, corrected for gathers, plus the kernels' own
+    cost model.
 
     XLA's HloCostAnalysis counts a while body once (cost a single forward, not a whole
     generation) and counts nothing for a Mosaic custom call; `kernels` is what the program's
     kernel launches move and compute by their own model (e.g. `block_attention.kernel_cost`
-    times the launches).
+    times the launches). The one correction: a fused gather is charged the rows it gathers,
+    not its whole table (`_HloText.gather_overcharge`).
     """
     from jax._src.lib import _jax
 
     module = program.compiled.runtime_executable().hlo_modules()[0]
     analysis = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-    return Cost(bytes=analysis["bytes accessed"] + kernels.bytes,
+    hlo = _HloText(program.hlo)
+    overcharge = sum(hlo.gather_overcharge(instruction) for instruction in hlo[hlo.entry])
+    return Cost(bytes=analysis["bytes accessed"] - overcharge + kernels.bytes,
                 flops=analysis["flops"] + kernels.flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    """One instruction of HLO text: `[ROOT] %name = shape opcode(operands), attributes`."""
+
+    name: str
+    shape: str  # with layouts, as printed
+    opcode: str
+    operands: tuple[str, ...]  # instruction names, in order (repeats kept)
+    attributes: str  # the text after the operand list
+
+    @classmethod
+    def parse(cls, line: str) -> _Instruction:
+        head = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
+        if head is None:
+            raise ValueError(f"not an HLO instruction: {line[:200]!r}")
+        rest = line[head.end():]
+        if rest.startswith("("):  # a tuple shape
+            end = _closing(rest, 0)
+            shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+        else:
+            shape, rest = rest.split(" ", 1)
+        opcode = re.match(r"([a-z][a-z0-9-]*)\(", rest)
+        if opcode is None:
+            raise ValueError(f"no opcode in {line[:200]!r}")
+        end = _closing(rest, opcode.end() - 1)
+        operands = tuple(re.findall(r"%([^\s,)]+)", rest[opcode.end():end]))
+        return cls(head.group(1), shape, opcode.group(1), operands, rest[end + 1:])
+
+    def callees(self) -> list[str]:
+        """The computations this instruction calls (fused, loop body, reducer, branches)."""
+        names = []
+        for match in _CALLS.finditer(self.attributes):
+            names += re.findall(r"%([^\s,{}]+)", match.group(1))
+        return names
+
+    def attribute(self, pattern: str) -> str:
+        """The first group of `pattern` in the attributes, or ""."""
+        match = re.search(pattern, self.attributes)
+        return match.group(1) if match else ""
+
+
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations|"
+                    r"called_computations)=(\{[^}]*\}|%[^\s,]+)")
+# Metadata names stack frames the per-instruction modules do not carry: dropped from them.
+_METADATA = re.compile(r', metadata=\{(?:[^{}"]|"(?:[^"\\]|\\.)*")*\}')
+
+
+def _closing(text: str, start: int) -> int:
+    """The index of the bracket that closes the one at text[start] ("(" or "{"), skipping
+    quoted strings."""
+    opening = text[start]
+    closing = {"(": ")", "{": "}"}[opening]
+    depth, quoted, i = 0, False, start
+    while i < len(text):
+        char = text[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == opening:
+            depth += 1
+        elif char == closing:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unbalanced {opening!r} in {text[:200]!r}")
+
+
+def _array_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's leaves summed)."""
+    return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY_SHAPE.findall(shape))
+
+
+class _HloText:
+    """The computations of a module's HLO text (Program.hlo), by name."""
+
+    def __init__(self, text: str):
+        self.lines: dict[str, list[str]] = {}
+        self.entry = ""
+        lines = text.splitlines()
+        i = 0
+        while i < len(lines):
+            header = re.match(r"(ENTRY )?%(\S+) \(", lines[i])
+            if header and lines[i].endswith("{"):
+                end = lines.index("}", i)
+                self.lines[header.group(2)] = lines[i:end + 1]
+                self.entry = header.group(2) if header.group(1) else self.entry
+                i = end
+            i += 1
+        if not self.entry:
+            raise ValueError("no ENTRY computation in the HLO text")
+        self._parsed: dict[str, list[_Instruction]] = {}
+
+    def __getitem__(self, computation: str) -> list[_Instruction]:
+        if computation not in self._parsed:
+            self._parsed[computation] = [_Instruction.parse(line)
+                                         for line in self.lines[computation][1:-1]]
+        return self._parsed[computation]
+
+    def closure(self, instruction: _Instruction) -> list[str]:
+        """Every computation `instruction` calls, directly or not."""
+        found, stack = [], instruction.callees()
+        while stack:
+            name = stack.pop()
+            if name not in found:
+                found.append(name)
+                stack += [c for i in self[name] for c in i.callees()]
+        return found
+
+    def gather_overcharge(self, instruction: _Instruction) -> float:
+        """Bytes XLA's generic cost analysis charges `instruction` beyond what its gathers read.
+
+        HloCostAnalysis charges a fusion parameter that only gathers read its whole size (to
+        it a gather is no slice), so taking T rows of an embedding table costs the table. A
+        gather reads its output's worth of the table (slice_sizes x indices), so the fair
+        charge is its output bytes (at most the table). For a loop or call: the overcharge of
+        the fusions in the computations it calls.
+        """
+        if instruction.opcode != "fusion":
+            return sum(self.gather_overcharge(inner) for name in instruction.callees()
+                       for inner in self[name])
+        fused = self[instruction.callees()[0]]
+        total = 0.0
+        for parameter in (i for i in fused if i.opcode == "parameter"):
+            users = [i for i in fused if parameter.name in i.operands]
+            if users and all(u.opcode == "gather" and u.operands[0] == parameter.name
+                             for u in users):
+                size = _array_bytes(parameter.shape)
+                total += size - min(size, sum(_array_bytes(u.shape) for u in users))
+        return total
+
+    def module(self, instruction: _Instruction, shapes: dict[str, str]) -> str:
+        """HLO text of a module computing `instruction` alone: its operands are parameters,
+        the computations it calls come along."""
+        operands = list(dict.fromkeys(instruction.operands))
+        parameters = ", ".join(f"p{k}: {shapes[name]}" for k, name in enumerate(operands))
+        arguments = ", ".join(f"%p{operands.index(name)}" for name in instruction.operands)
+        lines = ["HloModule one", ""]
+        for name in reversed(self.closure(instruction)):
+            lines += [_METADATA.sub("", line) for line in self.lines[name]] + [""]
+        lines.append(f"ENTRY %one ({parameters}) -> {instruction.shape} {{")
+        lines += [f"  %p{k} = {shapes[name]} parameter({k})" for k, name in enumerate(operands)]
+        attributes = _METADATA.sub("", instruction.attributes)
+        lines += [f"  ROOT %x = {instruction.shape} {instruction.opcode}({arguments}){attributes}",
+                  "}"]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionCost:
+    """One instruction of a program's entry computation and what the cost model charges it."""
+
+    name: str  # the HLO instruction, e.g. "gemm_fusion_dot.273"
+    kind: str  # "loop fusion", "input fusion", "triton gemm", "custom call mosaic_gpu_v2", "copy"
+    shape: str  # its result, layouts dropped, e.g. "f32[4,32,6144]"
+    op: str  # the JAX operation it came from (metadata op_name, jit and layer prefixes dropped)
+    bytes: float  # bytes accessed as `cost` charges them
+    xla_bytes: float  # XLA's generic HloCostAnalysis of this instruction alone
+    flops: float
+
+
+def _kind(instruction: _Instruction, hlo: _HloText) -> str:
+    """What an instruction is, in words: the fusion emitter, or the opcode."""
+    if instruction.opcode == "custom-call":
+        return "custom call " + instruction.attribute(r'custom_call_target="([^"]+)"')
+    if instruction.opcode != "fusion":
+        return instruction.opcode
+    fused = hlo[instruction.callees()[0]]
+    backend = instruction.attribute(r'"fusion_backend_config":\{"kind":"(__\w+)"')
+    if "gemm" in backend or any(i.opcode in ("dot", "scaled-dot") for i in fused):
+        return "triton gemm" if backend.startswith("__triton") else "gemm fusion"
+    if backend:
+        return "triton fusion" if backend == "__triton" else f"custom fusion {backend}"
+    kind = {"kLoop": "loop fusion", "kInput": "input fusion", "kOutput": "output fusion"}.get(
+        instruction.attribute(r"kind=(k\w+)"), "fusion")
+    root = fused[-1] if fused else None
+    if root is not None and root.opcode == "dynamic-update-slice":
+        kind += " (in-place dynamic-update-slice)"
+    return kind
+
+
+def instruction_costs(program: Program, kernel: Cost = Cost(0, 0)) -> list[InstructionCost]:
+    """The cost model per instruction of the program's entry computation.
+
+    Each instruction is cut out as a module of its own (its operands become parameters, the
+    computations it calls come along) and XLA's HloCostAnalysis runs on it: the same analysis
+    `cost` runs on the whole module, which sums over instructions, so the rows sum to XLA's
+    total (a while loop, e.g. scanned layers, is one row holding its body). `bytes` applies
+    `cost`'s gather correction; a Mosaic custom call, which XLA cannot see into, is charged
+    `kernel` (one launch by the kernel's own model), so with the forward's per-launch kernel
+    cost the rows sum to `cost(program, kernels)`.
+    """
+    from jax._src.lib import _jax
+    from jaxlib import _hlo
+
+    client = jax.devices("cpu")[0].client
+    hlo = _HloText(program.hlo)
+    shapes: dict[str, str] = {}
+    rows = []
+    for instruction in hlo[hlo.entry]:
+        shapes[instruction.name] = instruction.shape
+        if instruction.opcode in ("parameter", "constant"):  # no traffic (HloCostAnalysis too)
+            continue
+        module = _hlo.hlo_module_from_text(hlo.module(instruction, shapes))
+        analysis = _jax.hlo_module_cost_analysis(client, module)
+        xla_bytes, flops = analysis.get("bytes accessed", 0.0), analysis.get("flops", 0.0)
+        nbytes = xla_bytes - hlo.gather_overcharge(instruction)
+        if instruction.attribute(r'custom_call_target="(mosaic_gpu_v2)"'):
+            nbytes, flops = kernel.bytes, kernel.flops
+        op = re.sub(r"^jit\([^)]*\)/|layer_\d+/", "",
+                    instruction.attribute(r'op_name="((?:[^"\\]|\\.)*)"'))
+        rows.append(InstructionCost(instruction.name, _kind(instruction, hlo),
+                                    re.sub(r"\{[\d,]*\}", "", instruction.shape), op, nbytes,
+                                    xla_bytes, flops))
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,6 +652,12 @@ class Forward:
     program: Program
     cost: Cost
     ideal: Cost  # parameter bytes read + the valid K/V; the matmul flops
+    kernel: Cost = Cost(0, 0)  # one attention kernel launch by its own model (none: xla)
+
+    def instructions(self) -> list[InstructionCost]:
+        """The cost model per instruction (`instruction_costs`); with the layers unrolled (the
+        GPU default) the rows sum to `cost`."""
+        return instruction_costs(self.program, self.kernel)
 
 
 PATTERNS = ("causal", "prefill", "quadratic")
@@ -508,18 +730,19 @@ def compile_forward(model_config: Any, tokens: int, slots: int, valid: int, *,
 
     program = compile_program(forward, state, cache, block, donate_argnums=(1,))
     attended = 0 if pattern == "prefill" else valid
-    kernels = Cost(0, 0)
+    launch = Cost(0, 0)  # one attention kernel launch, by the kernel's own model
     if attention == "pallas":
-        nbytes, flops = kernel_cost(1, tokens, c.num_attention_heads, c.num_key_value_heads,
-                                    c.head_dim, attended, slots=slots,
-                                    causal=pattern != "quadratic")
-        kernels = Cost(c.num_hidden_layers * nbytes, c.num_hidden_layers * flops)
+        launch = Cost(*kernel_cost(1, tokens, c.num_attention_heads, c.num_key_value_heads,
+                                   c.head_dim, attended, slots=slots,
+                                   causal=pattern != "quadratic"))
+    layers = c.num_hidden_layers
+    kernels = Cost(layers * launch.bytes, layers * launch.flops)
     logit_rows = {"causal": tokens, "prefill": 1, "quadratic": 2 * size}[pattern]
     # (query, key) pairs inside the block: causal, or the quadratic pattern's visible pairs.
     own_pairs = (int(block_layout(size)[2].sum()) if pattern == "quadratic"
                  else tokens * (tokens + 1) // 2)
     return Forward(name or f"T={tokens}", tokens, slots, valid, program, cost(program, kernels),
-                   _ideal(c, tokens, attended, logit_rows, own_pairs))
+                   _ideal(c, tokens, attended, logit_rows, own_pairs), launch)
 
 
 def _ideal(c: Any, tokens: int, valid: int, logit_rows: int, own_pairs: int) -> Cost:

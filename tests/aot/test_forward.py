@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 import sys
 
+import jax
 import pytest
 
 import nld_jax
@@ -80,3 +81,28 @@ def test_benchmark_modes_and_table():
     text = bench.table(result)
     assert "not a GPU measurement" in text and "| quadratic T=32*33 |" in text
     assert "| ar | 30.0 | 1.00 | 3 |" in text
+
+
+def test_instruction_costs_sum_to_the_whole_program(mesh):
+    # Every instruction of the entry computation costed alone by XLA's own analysis: the rows
+    # sum to the whole-module analysis (float32 accumulation: within 1e-5), and with the gather
+    # correction and the kernel's own model to the forward's cost.
+    from jax._src.lib import _jax
+
+    forward = aot.compile_forward(SMALL, 8, 256, 100, mesh=mesh)
+    rows = forward.instructions()
+    module = forward.program.compiled.runtime_executable().hlo_modules()[0]
+    whole = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    assert sum(r.xla_bytes for r in rows) == pytest.approx(whole["bytes accessed"], rel=1e-5)
+    assert sum(r.flops for r in rows) == pytest.approx(forward.cost.flops, rel=1e-5)
+    assert sum(r.bytes for r in rows) == pytest.approx(forward.cost.bytes, rel=1e-5)
+    kernels = [r for r in rows if r.kind == "custom call mosaic_gpu_v2"]
+    assert len(kernels) == SMALL.num_hidden_layers
+    assert all(r.bytes == forward.kernel.bytes > 0 for r in kernels)
+    assert any(r.kind == "triton gemm" for r in rows)
+    # The block's embedding lookup is a fused gather of T rows: XLA charges the whole table,
+    # the model the rows (read) and the gathered block (written).
+    row_bytes = SMALL.hidden_size * 2
+    gathers = [r for r in rows if r.xla_bytes != r.bytes and r.kind.endswith("fusion")]
+    assert len(gathers) == 1
+    assert gathers[0].xla_bytes - gathers[0].bytes == (SMALL.vocab_size - 8) * row_bytes

@@ -45,7 +45,7 @@ _FLOAT_DTYPES = {"BF16", "F16", "F32"}
 ORBAX_MARKER = "nld_orbax.json"
 ORBAX_PARAMS = "params"
 ORBAX_FORMAT = "nld_jax.orbax"
-ORBAX_VERSION = 2  # 2: q/k/v and gate/up fused (qkv_dkgh, gate_up_d2f)
+ORBAX_VERSION = 3  # 2: q/k/v and gate/up fused; 3: q/k/v fused D-minor (qkv_kghd)
 
 
 class LoadError(ValueError):
@@ -79,7 +79,7 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 # A parameter's one name in this module: its keys in nnx.to_pure_dict(state), e.g.
-# ("layers", "attn", "qkv_dkgh") (layers are stacked, so no key is a layer index).
+# ("layers", "attn", "qkv_kghd") (layers are stacked, so no key is a layer index).
 type _Path = tuple[str, ...]
 
 
@@ -90,7 +90,8 @@ class _Rule:
     path: _Path
     hf_shape: tuple[int, ...]  # shape in the file ([out, in] for Linear)
     # Linear [out, in] -> [in, out] (then reshaped to the parameter's shape); a conv
-    # [out, C, kh, kw] flattens its input axes first: [C * kh * kw, out].
+    # [out, C, kh, kw] flattens its input axes first: [C * kh * kw, out]. Not transposed: the
+    # file's order, reshaped ([out, in] -> [out dims..., in dims...]).
     transposed: bool
     layer: int | None = None  # the index in the parameter's leading [L] axis (stacked layers)
     # A fused parameter holds several tensors: this one is [start, stop) of the (per-layer)
@@ -112,12 +113,12 @@ class _Rule:
         return value[(slice(None),) * axis + (slice(start, stop),)]
 
     def to_flax(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return w.reshape(w.shape[0], -1).T.reshape(shape) if self.transposed else w
+        return (w.reshape(w.shape[0], -1).T if self.transposed else w).reshape(shape)
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
-        if not self.transposed:
-            return w
-        return w.reshape(-1, self.hf_shape[0]).T.reshape(self.hf_shape)
+        if self.transposed:
+            w = w.reshape(-1, self.hf_shape[0]).T
+        return w.reshape(self.hf_shape)
 
 
 def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
@@ -125,7 +126,7 @@ def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
     d, n, k, h, f, v = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                         c.intermediate_size, c.vocab_size)
     g = n // k
-    qkv, gate_up = ("layers", "attn", "qkv_dkgh"), ("layers", "mlp", "gate_up_d2f")
+    qkv, gate_up = ("layers", "attn", "qkv_kghd"), ("layers", "mlp", "gate_up_d2f")
     rules = {
         "encoder.embed_tokens.weight": _Rule(("embed_vd",), (v, d), False),
         "encoder.norm.weight": _Rule(("final_norm", "weight"), (d,), False),
@@ -139,9 +140,9 @@ def _base_rules(c: NLDConfig) -> dict[str, _Rule]:
             pre + "post_attention_layernorm.weight": _Rule(
                 ("layers", "post_attn_norm", "weight"), (d,), False, i),
             # Query head j*G + i is slot i of kv head j (the heads that share its K/V).
-            pre + "self_attn.q_proj.weight": _Rule(qkv, (n * h, d), True, i, (2, 0, g)),
-            pre + "self_attn.k_proj.weight": _Rule(qkv, (k * h, d), True, i, (2, g, g + 1)),
-            pre + "self_attn.v_proj.weight": _Rule(qkv, (k * h, d), True, i, (2, g + 1, g + 2)),
+            pre + "self_attn.q_proj.weight": _Rule(qkv, (n * h, d), False, i, (1, 0, g)),
+            pre + "self_attn.k_proj.weight": _Rule(qkv, (k * h, d), False, i, (1, g, g + 1)),
+            pre + "self_attn.v_proj.weight": _Rule(qkv, (k * h, d), False, i, (1, g + 1, g + 2)),
             pre + "self_attn.o_proj.weight": _Rule(("layers", "attn", "o_nhd"), (d, n * h), True,
                                                    i),
             pre + "mlp.gate_proj.weight": _Rule(gate_up, (f, d), True, i, (1, 0, 1)),
@@ -344,8 +345,13 @@ def _read_shard(handle: Any, name: str, rule: _Rule, shape: tuple[int, ...],
     if local == shape:  # the whole tensor (replicated here)
         whole = handle.get_tensor(name)
         part = rule.to_flax(whole, shape)
-    elif not rule.transposed:  # parameter dims are the file's dims
+    elif len(shape) == len(rule.hf_shape) and not rule.transposed:  # the file's dims
         part = handle.get_slice(name)[index]
+    elif not rule.transposed:  # file [out, in] -> parameter [out dims..., in dims...]
+        split = next(k for k in range(len(shape) + 1) if math.prod(shape[:k]) == rule.hf_shape[0])
+        rows = _flat_range(shape[:split], index[:split], name)
+        cols = _flat_range(shape[split:], index[split:], name)
+        part = handle.get_slice(name)[rows, cols].reshape(local)
     else:  # file [out, in] -> parameter [in dims..., out dims...]
         in_size = rule.hf_shape[1]
         split = next(k for k in range(len(shape) + 1) if math.prod(shape[:k]) == in_size)
@@ -483,7 +489,7 @@ def _leaves(tree: Any, prefix: _Path = ()) -> dict[_Path, Any]:
 
 
 def _path_name(path: _Path) -> str:
-    """A parameter path as error messages name it: "layers.attn.qkv_dkgh"."""
+    """A parameter path as error messages name it: "layers.attn.qkv_kghd"."""
     return ".".join(map(str, path))
 
 

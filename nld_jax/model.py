@@ -110,12 +110,14 @@ class Attention(nnx.Module):
     def __init__(self, config: NLDConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                       config.head_dim)
-        # q, k and v in one weight, grouped by kv head: [:, j, :G] are the G query heads that
-        # share kv head j (query heads j*G .. j*G+G-1), [:, j, G] its key, [:, j, G+1] its value.
-        # One matmul reads x once and writes no per-projection intermediates (a T=1 forward on a
-        # GPU wrote the K/V products twice, benchmarks/NOTES_h100.md), and sharding the K axis
-        # keeps each kv head with its query heads on one device.
-        self.qkv_dkgh = nnx.Param(_normal(rngs, (d, k, n // k + 2, h), dtype))
+        # q, k and v in one weight, grouped by kv head: [j, :G] are the G query heads that share
+        # kv head j (query heads j*G .. j*G+G-1), [j, G] its key, [j, G+1] its value. One matmul
+        # reads x once and writes no per-projection intermediates (a T=1 forward on a GPU wrote
+        # the K/V products twice), and sharding the K axis keeps each kv head with its query
+        # heads on one device. D is minor (the released [out, in] order): a T=1 product on a
+        # tensor-parallel shard is a reduction over D, and with D major XLA transposed the whole
+        # local weight for it on every forward (benchmarks/NOTES_h100.md).
+        self.qkv_kghd = nnx.Param(_normal(rngs, (k, n // k + 2, h, d), dtype))
         self.o_nhd = nnx.Param(_normal(rngs, (n, h, d), dtype))
         self.lora: OProjLoRA | None = nnx.data(None)
         self.config = config
@@ -137,7 +139,7 @@ class Attention(nnx.Module):
                  block_mask: jax.Array | None, attention_kernel: bool, quadratic: int,
                  layout: Layout | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x_btd.shape
-        qkv = jnp.einsum("BTD,DKGH->BTKGH", x_btd, self.qkv_dkgh[...])
+        qkv = jnp.einsum("BTD,KGHD->BTKGH", x_btd, self.qkv_kghd[...])
         g = qkv.shape[3] - 2
         q = qkv[:, :, :, :g].reshape(b, t, -1, qkv.shape[-1])  # [B, T, N, H], N = K * G
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]

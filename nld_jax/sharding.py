@@ -53,7 +53,7 @@ _PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("post_attn_norm", "weight"): ("embed",),
     # q/k/v grouped by kv head: sharding kv heads shards their query heads with them (a rules
     # override that replicates kv_heads replicates the query projection too).
-    ("attn", "qkv_dkgh"): ("embed", "kv_heads", None, "head_dim"),
+    ("attn", "qkv_kghd"): ("kv_heads", None, "head_dim", "embed"),
     ("attn", "o_nhd"): ("q_heads", "head_dim", "embed"),
     ("attn", "lora", "a_nhr"): ("q_heads", "head_dim", "lora_rank"),
     ("attn", "lora", "b_rd"): ("lora_rank", "embed"),

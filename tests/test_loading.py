@@ -77,7 +77,7 @@ def test_fused_projections_save_back_to_the_released_tensors_bitwise(tmp_path):
     """q/k/v and gate/up are fused at load and split at save: the saved file holds exactly the
     input's tensor names, shapes, dtypes and bits (two kv heads, three query heads each)."""
     model = nld_jax.load_model(SHARDED, dtype="bfloat16")
-    assert model.layers.attn.qkv_dkgh.shape == (3, 48, 2, 3 + 2, 16)
+    assert model.layers.attn.qkv_kghd.shape == (3, 2, 3 + 2, 16, 48)
     assert model.layers.mlp.gate_up_d2f.shape == (3, 48, 2, 80)
     save_model(model, tmp_path / "out", dtype="bfloat16")
     source = {}

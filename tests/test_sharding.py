@@ -90,8 +90,8 @@ def test_every_parameter_has_logical_axes():
     pure = nnx.to_pure_dict(nnx.state(model))
     shardings = Layout.create(make_mesh()).param_shardings(pure)  # raises on an unnamed one
     assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(pure))
-    assert param_axes(("layers", "attn", "qkv_dkgh"), 5) == ("layers", "embed", "kv_heads",
-                                                             None, "head_dim")
+    assert param_axes(("layers", "attn", "qkv_kghd"), 5) == ("layers", "kv_heads", None,
+                                                             "head_dim", "embed")
     with pytest.raises(ValueError, match="no logical axes"):
         param_axes(("layers", "attn", "mystery"), 2)
     with pytest.raises(ValueError, match="dimensions"):
@@ -187,8 +187,8 @@ model = nld_jax.load_model(sys.argv[2], dtype="float32", mesh=make_mesh(data=2, 
 restored = nnx.to_pure_dict(nnx.state(model))
 assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
                                  whole, restored))
-q = restored["layers"]["attn"]["qkv_dkgh"]
-assert {s.data.shape for s in q.addressable_shards} == {(2, 64, 2, 4, 16)}, q.sharding
+q = restored["layers"]["attn"]["qkv_kghd"]
+assert {s.data.shape for s in q.addressable_shards} == {(2, 2, 4, 16, 64)}, q.sharding
 # The vocab-parallel embedding lookup (one row: XLA alone would all-gather the table), also for
 # a batch that does not divide over the data axis.
 lookup = jax.jit(lambda table, tokens: embed_lookup(table, tokens, model.layout))

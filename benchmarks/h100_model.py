@@ -108,7 +108,8 @@ def fusion_table(forward: aot.Forward, top: int) -> str:
     total, generic = sum(r.bytes for r in rows), sum(r.xla_bytes for r in rows)
     lines = [f"{forward.name}: {len(rows)} instructions, {total / 1e9:.3f} GB summed "
              f"(whole-program cost model {forward.cost.bytes / 1e9:.3f} GB; XLA's generic "
-             f"figure {generic / 1e9:.3f} GB counts no kernel and whole gathered tables)", "",
+             f"figure {generic / 1e9:.3f} GB: no kernel, whole inputs where a fusion needs a "
+             f"part)", "",
              "| GB | share | count | kind | op | shape | GB, XLA generic |",
              "|---|---|---|---|---|---|---|"]
     for (kind, op, shape), members in ranked[:top]:

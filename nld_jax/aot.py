@@ -318,15 +318,16 @@ def cost(program: Program, kernels: Cost = Cost(0, 0)) -> Cost:
     XLA's HloCostAnalysis counts a while body once (cost a single forward, not a whole
     generation) and counts nothing for a Mosaic custom call; `kernels` is what the program's
     kernel launches move and compute by their own model (e.g. `block_attention.kernel_cost`
-    times the launches). The one correction: a fused gather is charged the rows it gathers,
-    not its whole table (`_HloText.gather_overcharge`).
+    times the launches). The one correction: a fusion is charged the input elements its
+    outputs depend on where XLA charges whole inputs (`_HloText.overcharge`: a gather's table,
+    split-K partials reduced and then sliced).
     """
     from jax._src.lib import _jax
 
     module = program.compiled.runtime_executable().hlo_modules()[0]
     analysis = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
     hlo = _HloText(program.hlo)
-    overcharge = sum(hlo.gather_overcharge(instruction) for instruction in hlo[hlo.entry])
+    overcharge = sum(hlo.overcharge(instruction) for instruction in hlo[hlo.entry])
     return Cost(bytes=analysis["bytes accessed"] - overcharge + kernels.bytes,
                 flops=analysis["flops"] + kernels.flops)
 
@@ -340,10 +341,11 @@ class _Instruction:
     opcode: str
     operands: tuple[str, ...]  # instruction names, in order (repeats kept)
     attributes: str  # the text after the operand list
+    root: bool  # the computation's ROOT
 
     @classmethod
     def parse(cls, line: str) -> _Instruction:
-        head = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
+        head = re.match(r"\s*(ROOT )?%(\S+) = ", line)
         if head is None:
             raise ValueError(f"not an HLO instruction: {line[:200]!r}")
         rest = line[head.end():]
@@ -357,7 +359,8 @@ class _Instruction:
             raise ValueError(f"no opcode in {line[:200]!r}")
         end = _closing(rest, opcode.end() - 1)
         operands = tuple(re.findall(r"%([^\s,)]+)", rest[opcode.end():end]))
-        return cls(head.group(1), shape, opcode.group(1), operands, rest[end + 1:])
+        return cls(head.group(2), shape, opcode.group(1), operands, rest[end + 1:],
+                   bool(head.group(1)))
 
     def callees(self) -> list[str]:
         """The computations this instruction calls (fused, loop body, reducer, branches)."""
@@ -409,6 +412,55 @@ def _array_bytes(shape: str) -> int:
                for dtype, dims in _ARRAY_SHAPE.findall(shape))
 
 
+def _elements(shape: str) -> int | None:
+    """Elements of an array shape (None for a tuple)."""
+    array = _ARRAY_SHAPE.match(shape)
+    if array is None:  # a tuple or a token
+        return None
+    return math.prod(int(d) for d in array.group(2).split(",") if d)
+
+
+# Fusion-parameter users XLA's HloCostAnalysis charges by what they take (FusionParameterReadBytes).
+_SEEN_SLICING = {"slice", "dynamic-slice", "dynamic-update-slice", "broadcast", "reshape",
+                 "fusion"}
+# Ops each of whose output elements reads at most one element of each operand.
+_ONE_TO_ONE = {
+    "abs", "add", "and", "atan2", "bitcast", "broadcast", "cbrt", "ceil", "clamp", "compare",
+    "concatenate", "convert", "copy", "cosine", "count-leading-zeros", "divide", "dynamic-slice",
+    "erf", "exponential", "exponential-minus-one", "floor", "gather", "imag", "is-finite", "log",
+    "log-plus-one", "logistic", "maximum", "minimum", "multiply", "negate", "not", "or", "pad",
+    "popcnt", "power", "real", "reduce-precision", "remainder", "reshape", "reverse",
+    "round-nearest-afz", "round-nearest-even", "rsqrt", "select", "shift-left",
+    "shift-right-arithmetic", "shift-right-logical", "sign", "sine", "slice", "sqrt",
+    "subtract", "tan", "tanh", "transpose", "xor"}
+
+
+def _demanded(fused: list[_Instruction]) -> dict[str, float]:
+    """Per instruction of a fused computation, the fraction of its elements the fusion's
+    outputs depend on: the root's all; an operand of a one-to-one op (elementwise, slice,
+    gather, transpose, ...) at most (demanded output elements) / (its elements); of a reduce
+    the demanded fraction of its output; of anything else (dot, scatter, nested fusion, ...)
+    all. Demand from several users adds up, capped at 1: an upper bound."""
+    demand = dict.fromkeys((i.name for i in fused), 0.0)
+    demand[next(i.name for i in fused if i.root)] = 1.0
+    shapes = {i.name: i.shape for i in fused}
+    for instruction in reversed(fused):  # HLO text lists operands before their users
+        share = min(1.0, demand[instruction.name])
+        if share == 0:
+            continue
+        out = _elements(instruction.shape)
+        data = len(instruction.operands) // 2  # a reduce's inputs, then its init values
+        for k, operand in enumerate(instruction.operands):
+            size = _elements(shapes[operand])
+            if instruction.opcode in _ONE_TO_ONE and out is not None and size:
+                demand[operand] += share * out / size
+            elif instruction.opcode == "reduce" and k < data:
+                demand[operand] += share
+            else:
+                demand[operand] += 1.0
+    return {name: min(1.0, value) for name, value in demand.items()}
+
+
 class _HloText:
     """The computations of a module's HLO text (Program.hlo), by name."""
 
@@ -445,26 +497,32 @@ class _HloText:
                 stack += [c for i in self[name] for c in i.callees()]
         return found
 
-    def gather_overcharge(self, instruction: _Instruction) -> float:
-        """Bytes XLA's generic cost analysis charges `instruction` beyond what its gathers read.
+    def overcharge(self, instruction: _Instruction) -> float:
+        """Bytes XLA's generic cost analysis charges `instruction` beyond the input elements
+        its outputs depend on.
 
-        HloCostAnalysis charges a fusion parameter that only gathers read its whole size (to
-        it a gather is no slice), so taking T rows of an embedding table costs the table. A
-        gather reads its output's worth of the table (slice_sizes x indices), so the fair
-        charge is its output bytes (at most the table). For a loop or call: the overcharge of
-        the fusions in the computations it calls.
+        A GPU fusion computes each output element from the input elements it depends on, so it
+        reads the elements of a parameter that some output depends on, once each. XLA's
+        HloCostAnalysis charges a parameter its whole size unless a user is a slice it sees
+        (a slice, dynamic-slice, ... of the parameter itself): taking T rows of an embedding
+        table with a gather costs the table, and a fusion that reduces split-K partials and then
+        keeps a sixth of the columns costs all the partials. Where no user of a parameter is
+        such a slice (XLA then charges its size once), the charge here is the fraction of it
+        the outputs depend on (`_demanded`). For a loop or call: the overcharge of the fusions
+        in the computations it calls.
         """
         if instruction.opcode != "fusion":
-            return sum(self.gather_overcharge(inner) for name in instruction.callees()
+            return sum(self.overcharge(inner) for name in instruction.callees()
                        for inner in self[name])
         fused = self[instruction.callees()[0]]
+        demanded = _demanded(fused)
         total = 0.0
-        for parameter in (i for i in fused if i.opcode == "parameter"):
+        for parameter in fused:
+            if parameter.opcode != "parameter" or parameter.shape.startswith("("):
+                continue
             users = [i for i in fused if parameter.name in i.operands]
-            if users and all(u.opcode == "gather" and u.operands[0] == parameter.name
-                             for u in users):
-                size = _array_bytes(parameter.shape)
-                total += size - min(size, sum(_array_bytes(u.shape) for u in users))
+            if users and not any(user.opcode in _SEEN_SLICING for user in users):
+                total += _array_bytes(parameter.shape) * (1 - demanded[parameter.name])
         return total
 
     def module(self, instruction: _Instruction, shapes: dict[str, str]) -> str:
@@ -524,9 +582,9 @@ def instruction_costs(program: Program, kernel: Cost = Cost(0, 0)) -> list[Instr
     computations it calls come along) and XLA's HloCostAnalysis runs on it: the same analysis
     `cost` runs on the whole module, which sums over instructions, so the rows sum to XLA's
     total (a while loop, e.g. scanned layers, is one row holding its body). `bytes` applies
-    `cost`'s gather correction; a Mosaic custom call, which XLA cannot see into, is charged
-    `kernel` (one launch by the kernel's own model), so with the forward's per-launch kernel
-    cost the rows sum to `cost(program, kernels)`.
+    `cost`'s correction (`_HloText.overcharge`); a Mosaic custom call, which XLA cannot see
+    into, is charged `kernel` (one launch by the kernel's own model), so with the forward's
+    per-launch kernel cost the rows sum to `cost(program, kernels)`.
     """
     from jax._src.lib import _jax
     from jaxlib import _hlo
@@ -542,7 +600,7 @@ def instruction_costs(program: Program, kernel: Cost = Cost(0, 0)) -> list[Instr
         module = _hlo.hlo_module_from_text(hlo.module(instruction, shapes))
         analysis = _jax.hlo_module_cost_analysis(client, module)
         xla_bytes, flops = analysis.get("bytes accessed", 0.0), analysis.get("flops", 0.0)
-        nbytes = xla_bytes - hlo.gather_overcharge(instruction)
+        nbytes = xla_bytes - hlo.overcharge(instruction)
         if instruction.attribute(r'custom_call_target="(mosaic_gpu_v2)"'):
             nbytes, flops = kernel.bytes, kernel.flops
         op = re.sub(r"^jit\([^)]*\)/|layer_\d+/", "",

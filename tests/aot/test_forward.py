@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import sys
+import types
 
 import jax
 import pytest
@@ -102,7 +103,52 @@ def test_instruction_costs_sum_to_the_whole_program(mesh):
     assert any(r.kind == "triton gemm" for r in rows)
     # The block's embedding lookup is a fused gather of T rows: XLA charges the whole table,
     # the model the rows (read) and the gathered block (written).
-    row_bytes = SMALL.hidden_size * 2
-    gathers = [r for r in rows if r.xla_bytes != r.bytes and r.kind.endswith("fusion")]
-    assert len(gathers) == 1
-    assert gathers[0].xla_bytes - gathers[0].bytes == (SMALL.vocab_size - 8) * row_bytes
+    (lookup,) = [r for r in rows if r.op.startswith("jit(_take)")]
+    assert lookup.xla_bytes - lookup.bytes == (SMALL.vocab_size - 8) * SMALL.hidden_size * 2
+
+
+# Split-K partials reduced in a fusion that keeps one of six heads' columns (as the v path of
+# a fused q/k/v projection does), or sliced before the reduce.
+_PARTIALS = """HloModule partials
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%fused_v (p: f32[4,32,6144]) -> bf16[32,8,128] {
+  %p = f32[4,32,6144]{2,1,0} parameter(0)
+  %zero = f32[] constant(0)
+  %reduced = f32[32,6144]{1,0} reduce(%p, %zero), dimensions={0}, to_apply=%add
+  %cast = bf16[32,6144]{1,0} convert(%reduced)
+  %heads = bf16[32,8,6,128]{3,2,1,0} bitcast(%cast)
+  %v = bf16[32,8,1,128]{3,2,1,0} slice(%heads), slice={[0:32], [0:8], [5:6], [0:128]}
+  ROOT %out = bf16[32,8,128]{2,1,0} bitcast(%v)
+}
+
+%fused_sliced_first (q: f32[4,32,6144]) -> f32[32,1024] {
+  %q = f32[4,32,6144]{2,1,0} parameter(0)
+  %zero.1 = f32[] constant(0)
+  %cut = f32[4,32,1024]{2,1,0} slice(%q), slice={[0:4], [0:32], [5120:6144]}
+  ROOT %reduced.1 = f32[32,1024]{1,0} reduce(%cut, %zero.1), dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (partials: f32[4,32,6144]) -> (bf16[32,8,128], f32[32,1024]) {
+  %partials = f32[4,32,6144]{2,1,0} parameter(0)
+  %v_fusion = bf16[32,8,128]{2,1,0} fusion(%partials), kind=kLoop, calls=%fused_v
+  %sliced_fusion = f32[32,1024]{1,0} fusion(%partials), kind=kInput, calls=%fused_sliced_first
+  ROOT %both = (bf16[32,8,128]{2,1,0}, f32[32,1024]{1,0}) tuple(%v_fusion, %sliced_fusion)
+}
+"""
+
+
+def test_a_fusion_is_charged_the_inputs_its_outputs_depend_on():
+    # Only `hlo` of a Program is read.
+    v, sliced, _ = aot.instruction_costs(types.SimpleNamespace(hlo=_PARTIALS))
+    partials, v_out = 4 * 32 * 6144 * 4, 32 * 8 * 128 * 2
+    # XLA charges all the partials; the fusion reads the sixth its output depends on.
+    assert v.xla_bytes == partials + v_out
+    assert v.bytes == partials // 6 + v_out
+    # Sliced before the reduce: XLA already charges the slice, and nothing is taken off twice.
+    assert sliced.xla_bytes == sliced.bytes == partials // 6 + 32 * 1024 * 4

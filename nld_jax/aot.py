@@ -376,9 +376,19 @@ class _Instruction:
 
 
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations|"
-                    r"called_computations)=(\{[^}]*\}|%[^\s,]+)")
-# Metadata names stack frames the per-instruction modules do not carry: dropped from them.
-_METADATA = re.compile(r', metadata=\{(?:[^{}"]|"(?:[^"\\]|\\.)*")*\}')
+                    r"called_computations|true_computation|false_computation|select|scatter)="
+                    r"(\{[^}]*\}|%[^\s,]+)")
+# Dropped from the per-instruction modules: metadata names stack frames they do not carry, and
+# HLO's text parser does not take back an async collective's output_to_operand_aliasing (so an
+# async all-reduce's row is charged its result buffer once more than in the whole module).
+_DROPPED = re.compile(r", (metadata|output_to_operand_aliasing)=\{")
+
+
+def _without_dropped(text: str) -> str:
+    """`text` without its _DROPPED attributes (their values may nest braces and strings)."""
+    while match := _DROPPED.search(text):
+        text = text[:match.start()] + text[_closing(text, match.end() - 1) + 1:]
+    return text
 
 
 def _closing(text: str, start: int) -> int:
@@ -532,11 +542,13 @@ class _HloText:
         parameters = ", ".join(f"p{k}: {shapes[name]}" for k, name in enumerate(operands))
         arguments = ", ".join(f"%p{operands.index(name)}" for name in instruction.operands)
         lines = ["HloModule one", ""]
-        for name in reversed(self.closure(instruction)):
-            lines += [_METADATA.sub("", line) for line in self.lines[name]] + [""]
+        called = set(self.closure(instruction))
+        for name in self.lines:  # in the text's order: a computation after those it calls
+            if name in called:
+                lines += [_without_dropped(line) for line in self.lines[name]] + [""]
         lines.append(f"ENTRY %one ({parameters}) -> {instruction.shape} {{")
         lines += [f"  %p{k} = {shapes[name]} parameter({k})" for k, name in enumerate(operands)]
-        attributes = _METADATA.sub("", instruction.attributes)
+        attributes = _without_dropped(instruction.attributes)
         lines += [f"  ROOT %x = {instruction.shape} {instruction.opcode}({arguments}){attributes}",
                   "}"]
         return "\n".join(lines)
@@ -581,7 +593,8 @@ def instruction_costs(program: Program, kernel: Cost = Cost(0, 0)) -> list[Instr
     Each instruction is cut out as a module of its own (its operands become parameters, the
     computations it calls come along) and XLA's HloCostAnalysis runs on it: the same analysis
     `cost` runs on the whole module, which sums over instructions, so the rows sum to XLA's
-    total (a while loop, e.g. scanned layers, is one row holding its body). `bytes` applies
+    total (a while loop, e.g. scanned layers, is one row holding its body; an async
+    all-reduce's row is charged its result once more, see _DROPPED). `bytes` applies
     `cost`'s correction (`_HloText.overcharge`); a Mosaic custom call, which XLA cannot see
     into, is charged `kernel` (one launch by the kernel's own model), so with the forward's
     per-launch kernel cost the rows sum to `cost(program, kernels)`.

@@ -15,7 +15,14 @@ import sys
 from collections.abc import Sequence
 
 import nld_jax
-from nld_jax.cli import OneLineParser, UsageError, exit_on_interrupt, stream_text
+from nld_jax.cli import (
+    OneLineParser,
+    UsageError,
+    add_compile_cache_flags,
+    exit_on_interrupt,
+    stream_text,
+    use_compile_cache,
+)
 
 
 @exit_on_interrupt("chat.py", at_once=True)
@@ -29,8 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    add_compile_cache_flags(parser)
     try:
         args = parser.parse_args(argv)
+        use_compile_cache(args)
         model = nld_jax.load_model(args.model, dtype=args.dtype)
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None or tokenizer.chat_template is None:

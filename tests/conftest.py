@@ -95,3 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # that is up to three blocked pool threads: on a 2-core machine the pool ran out and
     # the kernel hung at random (deterministically with PJRT_NPROC=1, never seen with 4).
     os.environ.setdefault("PJRT_NPROC", str(max(INTERPRETER_POOL_THREADS, os.cpu_count() or 1)))
+    # No persistent compilation cache in tests (the commands default to one in ~/.cache): every
+    # program is compiled by the code under test, and nothing is written outside tmp dirs.
+    # tests/test_cli.py checks the cache in subprocesses of its own.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 import shutil
 import signal
@@ -132,6 +133,7 @@ def test_ctrl_c_while_streaming_is_one_line_and_status_130():
     ([TINY, "<s> sort 12 3 ="], "'12' (at character 9) is not in the vocabulary"),
     ([TINY, PROMPT, "--accept-rule", "maybe"], "argument --accept-rule: invalid choice"),
     ([TINY, PROMPT, "--top-p", "nan"], "top_p"),
+    ([TINY, PROMPT, "--compile-cache", "x", "--no-compile-cache"], "not allowed with"),
 ])
 def test_bad_input_is_one_line_with_status_2(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -139,3 +141,45 @@ def test_bad_input_is_one_line_with_status_2(argv, message, capsys):
     assert captured.err.startswith("nld-generate: error: ") and message in captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+_COUNT_CACHE_HITS = """
+import sys, jax
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else None)
+from nld_jax import cli
+status = cli.main(sys.argv[1:])
+print("cache hits:", len(hits), file=sys.stderr)
+sys.exit(status)
+"""
+
+
+def _run_counting_cache_hits(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
+    done = subprocess.run([sys.executable, "-c", _COUNT_CACHE_HITS, TINY, PROMPT, *ARGS, *argv],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, int(done.stderr.rsplit("cache hits:", 1)[1])
+
+
+def test_compiled_programs_are_cached_for_the_next_run(tmp_path):
+    """By default the programs go to ~/.cache/nld_jax/xla ($XDG_CACHE_HOME here) and a second
+    run reads them back instead of compiling; --compile-cache DIR and --no-compile-cache."""
+    env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}
+    # Keep every program, however fast it compiled (jax's default keeps those over 1 s).
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    default = tmp_path / "xdg" / "nld_jax" / "xla"
+    text, hits = _run_counting_cache_hits([], env)
+    assert hits == 0 and any(default.iterdir())
+    entries = sorted(default.iterdir())
+    again, hits = _run_counting_cache_hits([], env)
+    assert again == text and hits > 0
+    assert sorted(default.iterdir()) == entries  # nothing compiled anew
+    _, hits = _run_counting_cache_hits(["--no-compile-cache"], env)
+    assert hits == 0
+    chosen = tmp_path / "chosen"
+    _, hits = _run_counting_cache_hits(["--compile-cache", str(chosen)], env)
+    assert hits == 0 and any(chosen.iterdir())
+    _, hits = _run_counting_cache_hits([], {**env, "JAX_COMPILATION_CACHE_DIR": ""})
+    assert hits == 0 and sorted(default.iterdir()) == entries

@@ -1,14 +1,17 @@
-"""A tensor-parallel 8B forward compiled for eight H100s (a deviceless 1x1x8 topology)."""
+"""A tensor-parallel 8B forward and sampling step compiled for eight H100s (a deviceless 1x1x8
+topology)."""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import nld_jax
 from nld_jax import aot
+from nld_jax.sampling import sample_tokens
 
 CONFIG = nld_jax.NLDConfig.preset("8B")
 TP = 8
@@ -55,3 +58,23 @@ def test_attention_kernel_runs_on_each_devices_heads():
     assert forward.program.kernel_calls == 1  # the scanned layer body
     assert [r.spill_bytes for r in forward.program.ptxas] == [0], forward.program.ptxas
     assert forward.program.collectives == {"all-reduce": aot.Collective(3, 3 * 4096 * 2)}
+
+
+def test_top_p_sampling_of_vocab_sharded_logits_gathers_no_vocabulary():
+    """A T=32 sampling step (top-p filter and draw) on f32 logits split over the vocabulary, as
+    the head leaves them: the radix select's rounds are small all-reduces ([1, 32, buckets]
+    partial sums, and the max), the draw's argmax all-gathers each shard's (max, index) pairs.
+    The sort-based top-p gathered the whole logits (16.8 MB a gather) and all-to-all'ed them."""
+    layout = aot.target_layout("h100", model=TP)
+    logits = jax.ShapeDtypeStruct((1, 32, CONFIG.vocab_size), jnp.float32,
+                                  sharding=layout.sharding((None, None, "vocab")))
+    scalars = aot.abstract((jax.random.key(0), jnp.float32(1), jnp.float32(0.9)), layout.mesh)
+    program = aot.compile_program(lambda x, key, temperature, top_p: sample_tokens(
+        x, key, temperature, top_p=top_p), logits, *scalars)
+    collectives = program.collectives
+    assert set(collectives) == {"all-reduce", "all-gather"}, collectives
+    assert collectives["all-reduce"].count <= 1 + 32 // 4, collectives  # max + 8 rounds
+    assert collectives["all-reduce"].bytes < 64e3, collectives
+    assert collectives["all-gather"].bytes < 8e3, collectives  # 32 rows x 8 shards x pairs
+    logits_per_device = 32 * CONFIG.vocab_size * 4 / TP
+    assert program.temp_bytes < 4 * logits_per_device, program.temp_bytes

@@ -125,8 +125,8 @@ def test_filter_equals_the_sort_based_filter(top_p_range):
         assert kept_counts.max() > 1
 
 
-@pytest.mark.parametrize("digit_bits", [2, 4, 8, 16])
-def test_every_digit_width_finds_the_same_cutoff(digit_bits):
+@pytest.mark.parametrize("digit_bits", [2, 16])  # 8 and 4: the defaults, tested above and below
+def test_other_digit_widths_find_the_same_cutoff(digit_bits):
     rng = np.random.default_rng(digit_bits)
     for index in range(6):
         logits, temperature, _ = _case(rng, index)

@@ -84,8 +84,10 @@ def _accept_exact(sampler: Sampler, draft_logits: jax.Array, verify_logits: jax.
                   drafts: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Speculative sampling: (accepted count c [B], the token at position c [B])."""
     b, t = drafts.shape
-    log_q = sampler.log_probs(draft_logits)  # q at block position j+1 drafted d_{j+1}
-    log_p = sampler.log_probs(verify_logits)  # p at position j predicts position j+1
+    # One filter call for both (top-p's per-round sums are all-reduces on a vocab-sharded
+    # mesh: one call pays them once). q at block position j+1 drafted d_{j+1}; p at position
+    # j predicts position j+1.
+    log_q, log_p = sampler.log_probs(jnp.stack([draft_logits, verify_logits]))
     next_drafts = drafts[:, 1:]
     q_x = jnp.take_along_axis(log_q[:, 1:], next_drafts[..., None], axis=-1)[..., 0]
     p_x = jnp.take_along_axis(log_p[:, :-1], next_drafts[..., None], axis=-1)[..., 0]

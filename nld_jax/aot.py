@@ -206,9 +206,10 @@ class Program:
     compile_s: float  # wall time of lower + compile on this machine
     ptxas: tuple[PtxasReport, ...]  # one per Mosaic kernel in the program
 
-    @property
+    @functools.cached_property
     def hlo(self) -> str:
-        """The GPU-optimised HLO text (fusions, custom calls, loops)."""
+        """The GPU-optimised HLO text (fusions, custom calls, loops); printed once (an
+        unrolled 8B program's text is megabytes, and every property below reads it)."""
         return self.compiled.as_text()
 
     @property
@@ -230,13 +231,10 @@ class Program:
     def top_level_loops(self) -> list[int | None]:
         """The while loops of the entry computation (not nested in another loop or call): each
         one's trip count where XLA knows it (a layer scan), else None (a decode loop)."""
-        entry = self.hlo[self.hlo.index("\nENTRY"):].split("\n}\n")[0]
-        counts = []
-        for line in entry.splitlines():
-            if re.search(r"\swhile\(", line):
-                known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-                counts.append(int(known.group(1)) if known else None)
-        return counts
+        hlo = _HloText(self.hlo)
+        trip_counts = (loop.attribute(r'"known_trip_count":\{"n":"(\d+)"\}')
+                       for loop in hlo[hlo.entry] if loop.opcode == "while")
+        return [int(n) if n else None for n in trip_counts]
 
     @property
     def host_callbacks(self) -> int:

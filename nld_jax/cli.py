@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
+import jax
+
 import nld_jax
 from nld_jax.generate import GenerationOutput
 from nld_jax.tokenizer import Tokenizer
@@ -211,8 +213,6 @@ def add_compile_cache_flags(parser: argparse.ArgumentParser) -> None:
 def use_compile_cache(args: argparse.Namespace) -> str | None:
     """Points jax's persistent compilation cache where the flags say, before anything is
     compiled; returns the directory (None: no cache)."""
-    import jax
-
     if args.no_compile_cache:
         directory = None
     elif args.compile_cache is not None:

@@ -180,10 +180,10 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, layout: Layout | None) -> 
     Left to XLA, a lookup of one token (T=1 decode, batch 1) becomes a dynamic slice, which
     the SPMD partitioner serves by all-gathering the whole table: 1 GiB per step at 8B.
     """
-    vocab_axis = None if layout is None else dict(layout.rules)["vocab"]
+    rules = {} if layout is None else dict(layout.rules)
+    vocab_axis = rules.get("vocab")
     if vocab_axis is None or layout.mesh.shape[vocab_axis] == 1:
         return jnp.take(table, tokens, axis=0)
-    rules = dict(layout.rules)
     batch_axis = rules["batch"]
     if batch_axis is not None and tokens.shape[0] % layout.mesh.shape[batch_axis]:
         batch_axis = None  # a batch that does not divide: every row on every data shard
